@@ -1,0 +1,117 @@
+"""Model configuration: the `GPTConfig` dataclass and the GPT-2 presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+ATTENTION_KINDS = ("sdpa", "reference")
+INIT_KINDS = ("gpt2", "torch")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape and behaviour of a `GPTModel`.
+
+    Field names follow the tutorials (`GPT_CONFIG_124M`); the defaults are that
+    dictionary: GPT-2 small with dropout 0.1, no qkv bias and an untied output head.
+    """
+
+    vocab_size: int = 50257
+    context_length: int = 1024
+    emb_dim: int = 768
+    n_heads: int = 12
+    n_layers: int = 12
+    drop_rate: float = 0.1
+    qkv_bias: bool = False
+    # GPT-2 shares the output head with the token embedding; the tutorial's model does not.
+    tie_weights: bool = False
+    # "sdpa": fused scaled_dot_product_attention; "reference": the readable masked softmax.
+    attention: str = "sdpa"
+    # "gpt2": the paper's init; "torch": PyTorch's default init, as the tutorial's model has.
+    init: str = "gpt2"
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(
+                f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
+            )
+        if not isinstance(self.drop_rate, (int, float)) or not 0.0 <= self.drop_rate < 1.0:
+            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(
+                f"GPTConfig.attention must be one of {ATTENTION_KINDS}, got {self.attention!r}"
+            )
+        if self.init not in INIT_KINDS:
+            raise ValueError(f"GPTConfig.init must be one of {INIT_KINDS}, got {self.init!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.emb_dim // self.n_heads
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        """Build from a plain dict such as the tutorials' `GPT_CONFIG_124M`.
+
+        The older key `ctx_len` is accepted for `context_length`; unknown keys are an error.
+        """
+        d = dict(d)
+        if "ctx_len" in d:
+            if "context_length" in d and d["context_length"] != d["ctx_len"]:
+                raise ValueError(
+                    f"config gives both ctx_len={d['ctx_len']} and context_length={d['context_length']}"
+                )
+            d["context_length"] = d.pop("ctx_len")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig key(s) {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        return replace(self, **changes)
+
+
+_GPT2_SIZES = {
+    "gpt2-small (124M)": dict(emb_dim=768, n_layers=12, n_heads=12),
+    "gpt2-medium (355M)": dict(emb_dim=1024, n_layers=24, n_heads=16),
+    "gpt2-large (774M)": dict(emb_dim=1280, n_layers=36, n_heads=20),
+    "gpt2-xl (1558M)": dict(emb_dim=1600, n_layers=48, n_heads=25),
+}
+PRESETS: dict[str, GPTConfig] = {name: GPTConfig(**dims) for name, dims in _GPT2_SIZES.items()}
+# Small enough to train in seconds on a laptop CPU; used by the tests and quick runs.
+PRESETS["tiny"] = GPTConfig(context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
+
+PRESET_ALIASES = {
+    "gpt2": "gpt2-small (124M)", "gpt2-small": "gpt2-small (124M)", "124M": "gpt2-small (124M)",
+    "gpt2-medium": "gpt2-medium (355M)", "355M": "gpt2-medium (355M)",
+    "gpt2-large": "gpt2-large (774M)", "774M": "gpt2-large (774M)",
+    "gpt2-xl": "gpt2-xl (1558M)", "1558M": "gpt2-xl (1558M)",
+}
+
+
+def get_preset(name: str, **overrides: Any) -> GPTConfig:
+    """Return a preset by full name or alias (`gpt2`, `124M`, `gpt2-medium`, ..., `tiny`)."""
+    key = PRESET_ALIASES.get(name, name)
+    if key not in PRESETS:
+        choices = sorted(set(PRESETS) | set(PRESET_ALIASES))
+        raise ValueError(f"unknown preset {name!r}; choose one of {choices}")
+    return PRESETS[key].replace(**overrides)
+
+
+def as_config(cfg: GPTConfig | dict[str, Any] | str) -> GPTConfig:
+    """Accept a `GPTConfig`, a tutorial-style dict, or a preset name."""
+    if isinstance(cfg, GPTConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        return GPTConfig.from_dict(cfg)
+    if isinstance(cfg, str):
+        return get_preset(cfg)
+    raise TypeError(f"expected GPTConfig, dict or preset name, got {type(cfg).__name__}")

@@ -1,0 +1,20 @@
+import pytest
+import torch
+
+from minigpt import GPTConfig, get_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return get_tokenizer()
+
+
+@pytest.fixture
+def tiny_cfg() -> GPTConfig:
+    """A model small enough for fast tests: 2 layers, 4 heads, 32 dims, 100-token vocab."""
+    return GPTConfig(vocab_size=100, context_length=16, emb_dim=32, n_heads=4, n_layers=2, drop_rate=0.0)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
