@@ -34,12 +34,7 @@ def plot_losses(epochs_seen: Sequence[float], tokens_seen: Sequence[int], train_
     ax2.plot(tokens_seen, train_losses, alpha=0)
     ax2.set_xlabel("Tokens seen")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
+    return _save_figure(fig, path)
 
 
 def _save_figure(fig: Figure, path: str | os.PathLike) -> Path:
