@@ -1,0 +1,13 @@
+"""Pretrained weights: OpenAI's GPT-2 checkpoints, Hugging Face files, and `from_pretrained`."""
+
+from .download import DownloadError, default_models_dir, download_gpt2_files, openai_model_size
+from .hf import load_hf, save_hf
+from .layout import load_weights_into_gpt
+from .openai import download_and_load_gpt2, load_openai
+from .pretrained import detect_format, from_pretrained
+
+__all__ = [
+    "DownloadError", "default_models_dir", "download_gpt2_files", "openai_model_size",
+    "load_hf", "save_hf", "load_weights_into_gpt", "download_and_load_gpt2", "load_openai",
+    "detect_format", "from_pretrained",
+]
