@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from .checkpoint import CheckpointError, load_model, load_trainer_state, read_config, save_model
 from .config import GPTConfig, get_preset
-from .device import resolve_device
+from .device import keep_freed_memory, resolve_device
 from .generate import generate_text_simple
 from .loss import calc_loss_batch, calc_loss_loader, perplexity
 from .model import GPTModel
@@ -165,9 +165,33 @@ def batch_order(n_windows: int, epoch: int, seed: int) -> torch.Tensor:
     return torch.randperm(n_windows, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def stack_windows(dataset, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = zip(*(dataset[int(i)] for i in indices), strict=True)
-    return torch.stack(xs), torch.stack(ys)
+def stack_examples(dataset, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """A batch: the dataset's examples (tuples of tensors) at `indices`, stacked field by field."""
+    return tuple(torch.stack(field) for field in zip(*(dataset[int(i)] for i in indices), strict=True))
+
+
+class LanguageModelTask:
+    """What the trainer does with a batch when pretraining: next-token prediction on
+    (inputs, targets) windows. Other tasks (e.g. classification) provide the same methods."""
+
+    def __init__(self, tokenizer, sample_prompt: str, sample_tokens: int = 50) -> None:
+        self.tokenizer, self.sample_prompt, self.sample_tokens = tokenizer, sample_prompt, sample_tokens
+
+    def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
+        return calc_loss_batch(batch[0], batch[1], model, device)
+
+    def evaluate(self, model: nn.Module, batches, device: torch.device) -> dict[str, float]:
+        """Metrics over `batches` (in eval mode, without gradients): the mean batch loss."""
+        losses = [self.loss(model, batch, device).item() for batch in batches]
+        return {"loss": sum(losses) / len(losses) if losses else float("nan")}
+
+    def end_of_epoch(self, model: GPTModel, device: torch.device) -> str:
+        """A line to print after each epoch: a greedy sample from the fixed prompt."""
+        return sample_text(model, self.tokenizer, device, self.sample_prompt, self.sample_tokens)
+
+    def plot(self, history: dict[str, list], out_dir: Path) -> Path:
+        return plot_losses(history["epoch"], history["tokens_seen"], history["train_loss"], history["val_loss"],
+                           out_dir / "loss-plot.png")
 
 
 @dataclass
@@ -178,8 +202,8 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
     tokens_seen: int = 0
-    history: dict[str, list] = field(default_factory=lambda: {
-        "step": [], "epoch": [], "tokens_seen": [], "train_loss": [], "val_loss": []})
+    # one entry per evaluation: step, epoch, tokens_seen and train_/val_ metrics
+    history: dict[str, list] = field(default_factory=dict)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -189,9 +213,9 @@ class NonFiniteLoss(RuntimeError):
 class Trainer:
     """Owns the model, optimizer, data and run directory of one training run."""
 
-    def __init__(self, model: GPTModel, cfg: TrainConfig, train_set, val_set, tokenizer,
-                 out_dir: Path, args: dict[str, Any]) -> None:
-        self.cfg, self.tokenizer, self.out_dir, self.args = cfg, tokenizer, out_dir, args
+    def __init__(self, model: GPTModel, cfg: TrainConfig, train_set, val_set, task, out_dir: Path,
+                 args: dict[str, Any]) -> None:
+        self.cfg, self.task, self.out_dir, self.args = cfg, task, out_dir, args
         self.device = resolve_device(cfg.device)
         self.model = model.to(self.device)
         self.train_set, self.val_set = train_set, val_set
@@ -224,7 +248,7 @@ class Trainer:
     def epoch_done(self) -> bool:
         return self.state.batch_in_epoch >= self.steps_per_epoch * self.cfg.grad_accum
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
         """The next training micro-batch; the data position advances with it."""
         if self.epoch_done:
             self.state.epoch += 1
@@ -234,51 +258,45 @@ class Trainer:
             self._order_epoch = self.state.epoch
         i, bs = self.state.batch_in_epoch, self.cfg.batch_size
         self.state.batch_in_epoch += 1
-        return stack_windows(self.train_set, self._order[i * bs:(i + 1) * bs])
+        return stack_examples(self.train_set, self._order[i * bs:(i + 1) * bs])
 
-    def print_sample(self) -> None:
-        self.log({"event": "sample", "step": self.state.step, "epoch": self.state.epoch + 1,
-                  "text": sample_text(self.model, self.tokenizer, self.device, self.cfg.sample_prompt,
-                                      self.cfg.sample_tokens)}, echo=True)
+    def end_of_epoch(self) -> None:
+        text = self.task.end_of_epoch(self.model, self.device)
+        if text is not None:
+            self.log({"event": "sample", "step": self.state.step, "epoch": self.state.epoch + 1, "text": text})
+            tqdm.write(text)
 
-    def eval_loss(self, dataset) -> float:
-        """Mean loss over the first `eval_iters` batches of `dataset` in its natural order."""
+    def eval_batches(self, dataset) -> Iterator[tuple[torch.Tensor, ...]]:
+        """The first `eval_iters` batches of `dataset` in its natural order."""
         bs = self.cfg.batch_size
-        n = min(self.cfg.eval_iters, math.ceil(len(dataset) / bs))
-        if n == 0:
-            return float("nan")
-        total = 0.0
-        with self.autocast():
-            for i in range(n):
-                x, y = stack_windows(dataset, range(i * bs, min((i + 1) * bs, len(dataset))))
-                total += calc_loss_batch(x, y, self.model, self.device).item()
-        return total / n
+        for i in range(min(self.cfg.eval_iters, math.ceil(len(dataset) / bs))):
+            yield stack_examples(dataset, range(i * bs, min((i + 1) * bs, len(dataset))))
 
     @torch.no_grad()
-    def evaluate(self) -> tuple[float, float]:
+    def evaluate(self) -> dict[str, float]:
+        """The task's metrics on both splits; logged, printed and added to the history."""
         self.model.eval()
-        train_loss, val_loss = self.eval_loss(self.train_set), self.eval_loss(self.val_set)
+        metrics = {}
+        with self.autocast():
+            for split, dataset in (("train", self.train_set), ("val", self.val_set)):
+                for key, value in self.task.evaluate(self.model, self.eval_batches(dataset), self.device).items():
+                    metrics[f"{split}_{key}"] = value
         self.model.train()
-        s, h = self.state, self.state.history
-        for key, value in (("step", s.step), ("epoch", s.epoch + s.batch_in_epoch / self.batches_per_epoch),
-                           ("tokens_seen", s.tokens_seen), ("train_loss", train_loss), ("val_loss", val_loss)):
-            h[key].append(value)
-        self.log({"event": "eval", "step": s.step, "epoch": s.epoch + 1, "tokens_seen": s.tokens_seen,
-                  "train_loss": train_loss, "val_loss": val_loss}, echo=True)
-        return train_loss, val_loss
+        s = self.state
+        point = {"step": s.step, "epoch": s.epoch + s.batch_in_epoch / self.batches_per_epoch,
+                 "tokens_seen": s.tokens_seen, **metrics}
+        for key, value in point.items():
+            s.history.setdefault(key, []).append(value)
+        self.log({"event": "eval", "step": s.step, "epoch": s.epoch + 1, "tokens_seen": s.tokens_seen, **metrics})
+        # Numbered as the tutorial prints it: the index of the step just taken.
+        shown = ", ".join(f"{k.replace('_', ' ', 1).capitalize()} {v:.3f}" for k, v in metrics.items())
+        tqdm.write(f"Ep {s.epoch + 1} (Step {s.step - 1:06d}): {shown}")
+        return metrics
 
-    def log(self, record: dict[str, Any], echo: bool = False) -> None:
+    def log(self, record: dict[str, Any]) -> None:
         with open(self.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         self.reporter(record)
-        if echo:
-            if record["event"] == "eval":
-                # Numbered as the tutorial prints it: the index of the step just taken.
-                msg = (f"Ep {record['epoch']} (Step {record['step'] - 1:06d}): "
-                       f"Train loss {record['train_loss']:.3f}, Val loss {record['val_loss']:.3f}")
-            else:
-                msg = record["text"]
-            tqdm.write(msg)
 
     def train_step(self) -> float:
         """One optimizer step over `grad_accum` micro-batches; returns the mean loss."""
@@ -287,12 +305,12 @@ class Trainer:
             group["lr"] = lr
         total = 0.0
         for _ in range(self.cfg.grad_accum):
-            x, y = self.next_batch()
+            batch = self.next_batch()
             with self.autocast():
-                loss = calc_loss_batch(x, y, self.model, self.device) / self.cfg.grad_accum
+                loss = self.task.loss(self.model, batch, self.device) / self.cfg.grad_accum
             self.scaler.scale(loss).backward()
             total += loss.item()
-            self.state.tokens_seen += x.numel()
+            self.state.tokens_seen += batch[0].numel()
         if not math.isfinite(total):
             raise NonFiniteLoss(f"loss became {total} at step {self.state.step}")
         if self.cfg.grad_clip:
@@ -358,7 +376,7 @@ class Trainer:
                 if cfg.eval_interval and (state.step - 1) % cfg.eval_interval == 0:
                     self.evaluate()
                 if self.epoch_done:
-                    self.print_sample()
+                    self.end_of_epoch()
                 if cfg.save_interval and state.step % cfg.save_interval == 0:
                     last_ckpt = self.save()
                 elapsed = time.perf_counter() - t0
@@ -381,16 +399,14 @@ class Trainer:
                 signal.signal(signal.SIGINT, previous_handler)
         elapsed = time.perf_counter() - t0
         if not self.epoch_done:
-            self.print_sample()
+            self.end_of_epoch()
         if last_ckpt is None or last_ckpt.name != f"step-{state.step:06d}":
             last_ckpt = self.save()
-        if not h["step"] or h["step"][-1] != state.step:
+        if not h.get("step") or h["step"][-1] != state.step:
             self.evaluate()
-        plot = plot_losses(h["epoch"], h["tokens_seen"], h["train_loss"], h["val_loss"],
-                           self.out_dir / "loss-plot.png")
-        return {"train_loss": h["train_loss"][-1], "val_loss": h["val_loss"][-1],
+        return {"final": {k: v[-1] for k, v in h.items()},
                 "tokens_per_s": (state.tokens_seen - tokens0) / max(elapsed, 1e-9),
-                "checkpoint": last_ckpt, "metrics": self.metrics_file, "plot": plot,
+                "checkpoint": last_ckpt, "metrics": self.metrics_file, "plot": self.task.plot(h, self.out_dir),
                 "steps": state.step, "seconds": elapsed}
 
 
@@ -599,7 +615,8 @@ def setup(args: argparse.Namespace) -> Trainer:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "progress")}
-    trainer = Trainer(model, cfg, train_set, val_set, tokenizer, out_dir, saved_args)
+    task = LanguageModelTask(tokenizer, args.sample_prompt, cfg.sample_tokens)
+    trainer = Trainer(model, cfg, train_set, val_set, task, out_dir, saved_args)
     if args.resume:
         trainer.restore(trainer_state)
     else:
@@ -617,6 +634,7 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    keep_freed_memory()
     try:
         args = parse_args(argv)
         trainer = setup(args)
@@ -632,8 +650,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             NonFiniteLoss, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"final: train loss {result['train_loss']:.3f} (perplexity {perplexity(result['train_loss']):.1f}), "
-          f"val loss {result['val_loss']:.3f} (perplexity {perplexity(result['val_loss']):.1f}); "
+    final = result["final"]
+    print(f"final: train loss {final['train_loss']:.3f} (perplexity {perplexity(final['train_loss']):.1f}), "
+          f"val loss {final['val_loss']:.3f} (perplexity {perplexity(final['val_loss']):.1f}); "
           f"{result['steps']} steps in {result['seconds']:.0f} s, {result['tokens_per_s']:.0f} tokens/s")
     print(f"checkpoint: {result['checkpoint']}\nmetrics: {result['metrics']}\nplot: {result['plot']}")
     return 0

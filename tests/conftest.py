@@ -2,6 +2,9 @@ import pytest
 import torch
 
 from minigpt import GPTConfig, get_tokenizer
+from minigpt.device import keep_freed_memory
+
+keep_freed_memory()  # the tests allocate like training does; see its docstring
 
 
 @pytest.fixture(scope="session")
