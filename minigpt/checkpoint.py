@@ -86,24 +86,26 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def model_tensors(model: GPTModel) -> dict[str, torch.Tensor]:
-    """The model's state as contiguous tensors, a tied output head stored once."""
-    state = model.state_dict()
+def model_tensors(model: GPTModel, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's state (or `state`, e.g. gathered from shards) as contiguous tensors,
+    a tied output head stored once."""
+    state = dict(model.state_dict() if state is None else state)
     if model.cfg.tie_weights:
         state.pop("out_head.weight")
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
 def save_model(model: GPTModel, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
-               extra_files: dict[str, Any] | None = None) -> Path:
+               extra_files: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` as a minigpt model directory at `path` (atomically).
 
     `extra_files` maps file names to objects saved beside it with `torch.save`
     (plain containers of tensors and numbers only, so they load with `weights_only=True`).
+    `state` replaces `model.state_dict()`, e.g. when the weights were gathered from shards.
     """
     path = Path(path)
     with atomic_dir(path) as tmp:
-        save_file(model_tensors(model), str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
+        save_file(model_tensors(model, state), str(tmp / WEIGHTS_FILE), metadata={"format": FORMAT})
         config = {"format": FORMAT, "config": model.cfg.to_dict(), **(metadata or {})}
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         for name, obj in (extra_files or {}).items():

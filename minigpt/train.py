@@ -25,6 +25,8 @@ from . import data as data_lib
 from .checkpoint import CheckpointError, load_model, load_trainer_state, read_config, save_model
 from .config import GPTConfig, get_preset
 from .device import keep_freed_memory, resolve_device
+from .distributed import (DistInfo, all_reduce_sum, barrier, full_state, gather_objects, init_distributed,
+                          load_full_optimizer_state, shutdown, wrap_model)
 from .generate import generate_text_simple
 from .loss import calc_loss_batch, calc_loss_loader, perplexity
 from .model import GPTModel
@@ -129,8 +131,8 @@ class TrainConfig:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float,
-                        device: torch.device) -> torch.optim.AdamW:
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,
+                        fused: bool = True) -> torch.optim.AdamW:
     """AdamW with weight decay on the Linear weight matrices only.
 
     Biases, LayerNorm scales/shifts and the embedding tables are not decayed: pulling them
@@ -145,7 +147,7 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float,
     groups = [{"params": list(decay.values()), "weight_decay": weight_decay},
               {"params": list(no_decay.values()), "weight_decay": 0.0}]
     # The fused kernel does the whole update in one pass: several times faster on CPU and CUDA.
-    fused = device.type in ("cpu", "cuda")
+    fused = fused and device.type in ("cpu", "cuda")
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.999), fused=fused)
 
 
@@ -200,7 +202,7 @@ class TrainState:
 
     step: int = 0  # optimizer steps done
     epoch: int = 0
-    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed
+    sample_in_epoch: int = 0  # windows of `epoch` already consumed, over all ranks
     tokens_seen: int = 0
     # one entry per evaluation: step, epoch, tokens_seen and train_/val_ metrics
     history: dict[str, list] = field(default_factory=dict)
@@ -211,29 +213,39 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Trainer:
-    """Owns the model, optimizer, data and run directory of one training run."""
+    """Owns the model, optimizer, data and run directory of one training run.
+
+    In a torchrun job every rank builds one; each reads its own part of every global batch,
+    and only rank 0 prints, logs and writes checkpoints.
+    """
 
     def __init__(self, model: GPTModel, cfg: TrainConfig, train_set, val_set, task, out_dir: Path,
-                 args: dict[str, Any]) -> None:
+                 args: dict[str, Any], dist_info: DistInfo | None = None, device: torch.device | None = None,
+                 fsdp: bool = False) -> None:
         self.cfg, self.task, self.out_dir, self.args = cfg, task, out_dir, args
-        self.device = resolve_device(cfg.device)
-        self.model = model.to(self.device)
+        self.dist = dist_info or DistInfo()
+        self.device = device or resolve_device(cfg.device)
+        self.fsdp = fsdp
+        self.module = model.to(self.device)  # the GPTModel (sharded in place under FSDP)
+        self.model = wrap_model(self.module, self.dist, self.device, fsdp)  # what training calls
         self.train_set, self.val_set = train_set, val_set
         self.state = TrainState()
-        self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, self.device)
+        self.optimizer = configure_optimizer(self.module, cfg.lr, cfg.weight_decay, self.device, fused=not fsdp)
         self.amp_dtype = DTYPES[cfg.dtype]
         if self.amp_dtype == torch.float16 and self.device.type != "cuda":
             raise ValueError("--dtype float16 needs CUDA (its gradient scaler); use bfloat16 on the CPU")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
-        self.batches_per_epoch = len(train_set) // cfg.batch_size
+        self.global_batch = cfg.batch_size * self.dist.world_size
+        self.batches_per_epoch = len(train_set) // self.global_batch
         if self.batches_per_epoch < cfg.grad_accum:
             raise ValueError(
-                f"the training split has {len(train_set)} windows: not enough for one step of "
-                f"batch_size {cfg.batch_size} x grad_accum {cfg.grad_accum}; lower them or add data")
+                f"the training split has {len(train_set)} windows: not enough for one step of batch_size "
+                f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {self.dist.world_size} process(es); "
+                "lower them or add data")
         self.steps_per_epoch = self.batches_per_epoch // cfg.grad_accum
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.metrics_file = out_dir / "metrics.jsonl"
-        self.reporter = make_reporter(cfg.report_to, out_dir)
+        self.reporter = make_reporter(cfg.report_to, out_dir) if self.dist.is_main else (lambda record: None)
         self._order_epoch, self._order = -1, torch.empty(0, dtype=torch.long)
         self._stop_requested = False
 
@@ -244,78 +256,115 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def gradient_sync(self, enabled: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+        if self.fsdp:
+            self.model.set_requires_gradient_sync(enabled)
+        elif self.dist.enabled and not enabled:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def echo(self, text: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(text)
+
     @property
     def epoch_done(self) -> bool:
-        return self.state.batch_in_epoch >= self.steps_per_epoch * self.cfg.grad_accum
+        return self.state.sample_in_epoch >= self.steps_per_epoch * self.cfg.grad_accum * self.global_batch
 
     def next_batch(self) -> tuple[torch.Tensor, ...]:
-        """The next training micro-batch; the data position advances with it."""
+        """This rank's part of the next global micro-batch; the data position advances with it."""
         if self.epoch_done:
             self.state.epoch += 1
-            self.state.batch_in_epoch = 0
+            self.state.sample_in_epoch = 0
         if self._order_epoch != self.state.epoch:
             self._order = batch_order(len(self.train_set), self.state.epoch, self.cfg.seed)
             self._order_epoch = self.state.epoch
-        i, bs = self.state.batch_in_epoch, self.cfg.batch_size
-        self.state.batch_in_epoch += 1
-        return stack_examples(self.train_set, self._order[i * bs:(i + 1) * bs])
+        start = self.state.sample_in_epoch + self.dist.rank * self.cfg.batch_size
+        self.state.sample_in_epoch += self.global_batch
+        return stack_examples(self.train_set, self._order[start:start + self.cfg.batch_size])
 
     def end_of_epoch(self) -> None:
-        text = self.task.end_of_epoch(self.model, self.device)
+        # Under FSDP every rank takes part in each forward pass; otherwise rank 0 alone samples.
+        if not (self.fsdp or self.dist.is_main):
+            return
+        text = self.task.end_of_epoch(self.module, self.device)
         if text is not None:
             self.log({"event": "sample", "step": self.state.step, "epoch": self.state.epoch + 1, "text": text})
-            tqdm.write(text)
+            self.echo(text)
 
-    def eval_batches(self, dataset) -> Iterator[tuple[torch.Tensor, ...]]:
-        """The first `eval_iters` batches of `dataset` in its natural order."""
-        bs = self.cfg.batch_size
-        for i in range(min(self.cfg.eval_iters, math.ceil(len(dataset) / bs))):
-            yield stack_examples(dataset, range(i * bs, min((i + 1) * bs, len(dataset))))
+    def eval_batches(self, dataset) -> Iterator[tuple[tuple[torch.Tensor, ...], int]]:
+        """This rank's part of each of the first `eval_iters` global batches of `dataset` (in its
+        natural order), with the number of windows it holds. A rank whose part of a short last
+        batch is empty runs window 0 with weight 0: every rank runs every batch (FSDP needs that)."""
+        bs, gb = self.cfg.batch_size, self.global_batch
+        for i in range(min(self.cfg.eval_iters, math.ceil(len(dataset) / gb))):
+            start = i * gb + self.dist.rank * bs
+            stop = min(start + bs, (i + 1) * gb, len(dataset))
+            yield (stack_examples(dataset, range(start, stop)), stop - start) if stop > start else \
+                (stack_examples(dataset, [0]), 0)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The task's metrics on both splits; logged, printed and added to the history."""
-        self.model.eval()
+        """The task's metrics on both splits: the mean over batches of each global batch's metric,
+        the same whatever the number of ranks. Logged, printed and kept in the history."""
+        self.module.eval()
         metrics = {}
         with self.autocast():
             for split, dataset in (("train", self.train_set), ("val", self.val_set)):
-                for key, value in self.task.evaluate(self.model, self.eval_batches(dataset), self.device).items():
-                    metrics[f"{split}_{key}"] = value
-        self.model.train()
+                rows, keys = [], []
+                for batch, weight in self.eval_batches(dataset):
+                    values = self.task.evaluate(self.module, [batch], self.device)
+                    keys = sorted(values)
+                    rows.append([weight * values[k] if weight else 0.0 for k in keys] + [weight])
+                totals = all_reduce_sum([x for row in rows for x in row], self.device)
+                width = len(keys) + 1
+                per_batch = [totals[i:i + width] for i in range(0, len(totals), width)]
+                for j, key in enumerate(keys):
+                    values = [row[j] / row[-1] for row in per_batch]
+                    metrics[f"{split}_{key}"] = sum(values) / len(values) if values else float("nan")
+        self.module.train()
         s = self.state
-        point = {"step": s.step, "epoch": s.epoch + s.batch_in_epoch / self.batches_per_epoch,
+        point = {"step": s.step, "epoch": s.epoch + s.sample_in_epoch / (self.batches_per_epoch * self.global_batch),
                  "tokens_seen": s.tokens_seen, **metrics}
         for key, value in point.items():
             s.history.setdefault(key, []).append(value)
         self.log({"event": "eval", "step": s.step, "epoch": s.epoch + 1, "tokens_seen": s.tokens_seen, **metrics})
         # Numbered as the tutorial prints it: the index of the step just taken.
         shown = ", ".join(f"{k.replace('_', ' ', 1).capitalize()} {v:.3f}" for k, v in metrics.items())
-        tqdm.write(f"Ep {s.epoch + 1} (Step {s.step - 1:06d}): {shown}")
+        self.echo(f"Ep {s.epoch + 1} (Step {s.step - 1:06d}): {shown}")
         return metrics
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.metrics_file, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         self.reporter(record)
 
     def train_step(self) -> float:
-        """One optimizer step over `grad_accum` micro-batches; returns the mean loss."""
+        """One optimizer step over `grad_accum` micro-batches; returns the mean loss over ranks."""
         lr = lr_at(self.state.step, self.cfg, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = 0.0
-        for _ in range(self.cfg.grad_accum):
+        for k in range(self.cfg.grad_accum):
             batch = self.next_batch()
-            with self.autocast():
-                loss = self.task.loss(self.model, batch, self.device) / self.cfg.grad_accum
-            self.scaler.scale(loss).backward()
+            with self.gradient_sync(k == self.cfg.grad_accum - 1):
+                with self.autocast():
+                    loss = self.task.loss(self.model, batch, self.device) / self.cfg.grad_accum
+                self.scaler.scale(loss).backward()
             total += loss.item()
-            self.state.tokens_seen += batch[0].numel()
+            self.state.tokens_seen += batch[0].numel() * self.dist.world_size
+        # One small all-reduce: the mean loss for the log and the NaN check (so every rank
+        # stops together), and whether any rank was asked to stop.
+        loss_sum, stops = all_reduce_sum([total, float(self._stop_requested)], self.device)
+        total, self._stop_requested = loss_sum / self.dist.world_size, stops > 0
         if not math.isfinite(total):
             raise NonFiniteLoss(f"loss became {total} at step {self.state.step}")
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -327,44 +376,63 @@ class Trainer:
     def save(self) -> Path:
         """Write a checkpoint of the state at the last completed step; keep the newest `keep_last`."""
         ckpt_dir = self.out_dir / "checkpoints" / f"step-{self.state.step:06d}"
-        trainer = {
-            "state": asdict(self.state),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "args": self.args,
-        }
-        save_model(self.model, ckpt_dir, metadata={"step": self.state.step, "train_args": self.args},
-                   extra_files={"trainer.pt": trainer})
-        for old in list_checkpoints(self.out_dir)[:-self.cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        model_state, optimizer_state = full_state(self.model, self.optimizer, self.fsdp)
+        rng = gather_objects(torch.get_rng_state())
+        if self.dist.is_main:
+            trainer = {
+                "state": asdict(self.state),
+                "optimizer": optimizer_state,
+                "scaler": self.scaler.state_dict(),
+                "rng": rng,  # one per rank
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "world_size": self.dist.world_size,
+                "args": self.args,
+            }
+            save_model(self.module, ckpt_dir, metadata={"step": self.state.step, "train_args": self.args},
+                       extra_files={"trainer.pt": trainer}, state=model_state)
+            for old in list_checkpoints(self.out_dir)[:-self.cfg.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        barrier()
         return ckpt_dir
 
-    # -- the loop --------------------------------------------------------------------------
-
     def restore(self, trainer_state: dict[str, Any]) -> None:
-        """Continue exactly where a checkpoint's run stopped."""
+        """Continue exactly where a checkpoint's run stopped.
+
+        The data position is kept in windows, so another world size continues from the same
+        place when the position is a whole number of its global batches; dropout streams are
+        only exact with the same world size (each rank has its own)."""
         self.state = TrainState(**trainer_state["state"])
-        self.optimizer.load_state_dict(trainer_state["optimizer"])
+        if self.state.sample_in_epoch % self.global_batch:
+            raise ValueError(
+                f"the checkpoint stopped {self.state.sample_in_epoch} windows into epoch {self.state.epoch + 1}, "
+                f"not a multiple of this run's global batch ({self.global_batch}); resume with a batch size and "
+                "world size whose product divides it")
+        load_full_optimizer_state(self.model, self.optimizer, trainer_state["optimizer"], self.fsdp)
         self.scaler.load_state_dict(trainer_state["scaler"])
-        torch.set_rng_state(trainer_state["rng"])
-        if trainer_state["cuda_rng"] and torch.cuda.is_available():
+        rngs = trainer_state["rng"]
+        if trainer_state.get("world_size", 1) == self.dist.world_size:
+            torch.set_rng_state(rngs[self.dist.rank])
+        else:
+            torch.manual_seed(self.cfg.seed + 7919 * self.state.step + self.dist.rank)
+        if trainer_state["cuda_rng"] and torch.cuda.is_available() and not self.dist.enabled:
             torch.cuda.set_rng_state_all(trainer_state["cuda_rng"])
-        keep_metrics_until(self.metrics_file, self.state.step)
+        if self.dist.is_main:
+            keep_metrics_until(self.metrics_file, self.state.step)
 
     def _on_sigint(self, signum, frame) -> None:
         # The first Ctrl-C stops at the next step boundary, where the state is consistent;
         # a second one interrupts at once.
         self._stop_requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        tqdm.write("Ctrl-C: saving a checkpoint after this step (press again to abort)")
+        self.echo("Ctrl-C: saving a checkpoint after this step (press again to abort)")
+
+    # -- the loop --------------------------------------------------------------------------
 
     def fit(self) -> dict[str, Any]:
         cfg, state, h = self.cfg, self.state, self.state.history
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=state.step, disable=not cfg.progress, unit="step",
-                   dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=state.step, disable=not (cfg.progress and self.dist.is_main),
+                   unit="step", dynamic_ncols=True)
         in_main_thread = threading.current_thread() is threading.main_thread()
         previous_handler = signal.signal(signal.SIGINT, self._on_sigint) if in_main_thread else None
         t0, tokens0, last_ckpt = time.perf_counter(), state.tokens_seen, None
@@ -386,8 +454,9 @@ class Trainer:
                 if self._stop_requested:
                     bar.close()
                     path = self.save()
-                    print(f"interrupted at step {state.step}: checkpoint saved to {path}; "
-                          f"continue with --resume {path}", file=sys.stderr)
+                    if self.dist.is_main:
+                        print(f"interrupted at step {state.step}: checkpoint saved to {path}; "
+                              f"continue with --resume {path}", file=sys.stderr)
                     raise KeyboardInterrupt
         except NonFiniteLoss as e:
             kept = list_checkpoints(self.out_dir)
@@ -406,7 +475,8 @@ class Trainer:
             self.evaluate()
         return {"final": {k: v[-1] for k, v in h.items()},
                 "tokens_per_s": (state.tokens_seen - tokens0) / max(elapsed, 1e-9),
-                "checkpoint": last_ckpt, "metrics": self.metrics_file, "plot": self.task.plot(h, self.out_dir),
+                "checkpoint": last_ckpt, "metrics": self.metrics_file,
+                "plot": self.task.plot(h, self.out_dir) if self.dist.is_main else None,
                 "steps": state.step, "seconds": elapsed}
 
 
@@ -492,7 +562,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm (off if unset)")
     g.add_argument("--dtype", choices=tuple(DTYPES), default=d.dtype,
                    help="bfloat16/float16 train under autocast with float32 weights")
-    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps (under torchrun: "
+                   "cuda means one GPU per local rank)")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun, shard parameters, gradients and "
+                   "optimizer state over the ranks (FSDP) instead of replicating the model (DDP)")
+    g.add_argument("--dist-timeout", type=float, default=600.0,
+                   help="seconds a rank waits for the others before the job fails")
     g.add_argument("--seed", type=int, default=d.seed, help="seeds the weights, dropout and data order")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-interval", type=int, default=d.eval_interval, help="evaluate every N steps (0: never)")
@@ -594,9 +669,11 @@ def build_model(args: argparse.Namespace) -> GPTModel:
     return model.train()
 
 
-def setup(args: argparse.Namespace) -> Trainer:
+def setup(args: argparse.Namespace, dist_info: DistInfo | None = None,
+          device: torch.device | None = None) -> Trainer:
     """Data, model, optimizer and run directory for `args` (fresh or resumed)."""
     check_args(args)
+    dist_info = dist_info or DistInfo()
     cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
     out_dir = Path(args.out_dir or default_out_dir(args.data))
     if out_dir.exists() and not out_dir.is_dir():
@@ -607,8 +684,14 @@ def setup(args: argparse.Namespace) -> Trainer:
         model = load_model(args.resume).train()
     else:
         model = build_model(args)
+        # Every rank starts from the same weights; dropout then draws a different stream per rank.
+        torch.manual_seed(args.seed + dist_info.rank)
     ctx = model.cfg.context_length
-    ids = data_lib.load_token_ids(args.data, tokenizer, text_column=args.text_column, data_dir=args.data_dir)
+    ids = None
+    for turn in ("main", "others"):  # rank 0 tokenizes and caches first; the others then read its cache
+        if (turn == "main") == dist_info.is_main:
+            ids = data_lib.load_token_ids(args.data, tokenizer, text_column=args.text_column, data_dir=args.data_dir)
+        barrier()
     train_ids, val_ids = data_lib.split_tokens(ids, args.val_ratio, ctx)
     train_set = data_lib.TokenWindowDataset(train_ids, ctx, args.stride or ctx)
     val_set = data_lib.TokenWindowDataset(val_ids, ctx, ctx)
@@ -616,10 +699,10 @@ def setup(args: argparse.Namespace) -> Trainer:
     out_dir.mkdir(parents=True, exist_ok=True)
     saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "progress")}
     task = LanguageModelTask(tokenizer, args.sample_prompt, cfg.sample_tokens)
-    trainer = Trainer(model, cfg, train_set, val_set, task, out_dir, saved_args)
+    trainer = Trainer(model, cfg, train_set, val_set, task, out_dir, saved_args, dist_info, device, args.fsdp)
     if args.resume:
         trainer.restore(trainer_state)
-    else:
+    elif dist_info.is_main:
         trainer.metrics_file.unlink(missing_ok=True)  # a fresh run starts a fresh log
     return trainer
 
@@ -635,21 +718,28 @@ def keep_metrics_until(path: Path, step: int) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     keep_freed_memory()
+    dist_info = DistInfo()
     try:
         args = parse_args(argv)
-        trainer = setup(args)
-        cfg = trainer.model.cfg
-        print(f"model: {trainer.model.num_parameters():,} parameters "
-              f"({cfg.n_layers} layers, {cfg.n_heads} heads, {cfg.emb_dim} dims, context {cfg.context_length}); "
-              f"data: {len(trainer.train_set)} train / {len(trainer.val_set)} val windows; "
-              f"{trainer.total_steps} steps on {trainer.device}", file=sys.stderr)
+        dist_info, device = init_distributed(args.device, args.dist_timeout)
+        trainer = setup(args, dist_info, device)
+        cfg = trainer.module.cfg
+        if dist_info.is_main:
+            print(f"model: {trainer.module.num_parameters():,} parameters ({cfg.n_layers} layers, {cfg.n_heads} "
+                  f"heads, {cfg.emb_dim} dims, context {cfg.context_length}); data: {len(trainer.train_set)} "
+                  f"train / {len(trainer.val_set)} val windows; global batch {trainer.global_batch * args.grad_accum}"
+                  f" = {args.batch_size} per rank x {args.grad_accum} accumulated x {dist_info.world_size} "
+                  f"rank(s); {trainer.total_steps} steps on {device}", file=sys.stderr)
         result = trainer.fit()
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, CheckpointError, UnicodeDecodeError,
-            NonFiniteLoss, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, CheckpointError, NonFiniteLoss, RuntimeError) as e:
+        print(f"error: {e}" if not dist_info.enabled else f"error (rank {dist_info.rank}): {e}", file=sys.stderr)
         return 2
+    finally:
+        shutdown()
+    if not dist_info.is_main:
+        return 0
     final = result["final"]
     print(f"final: train loss {final['train_loss']:.3f} (perplexity {perplexity(final['train_loss']):.1f}), "
           f"val loss {final['val_loss']:.3f} (perplexity {perplexity(final['val_loss']):.1f}); "

@@ -36,7 +36,7 @@ def test_local_bpe_files_give_tiktokens_gpt2(tmp_path, tokenizer):
     encoder["<|endoftext|>"] = EOS_ID
     (tmp_path / "encoder.json").write_text(json.dumps(encoder))
     merges = []
-    for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1])[256:]:
+    for tok, _rank in sorted(ranks.items(), key=lambda kv: kv[1])[256:]:
         # Each merged token splits into the two tokens of lowest rank that make it up.
         split = min(range(1, len(tok)), key=lambda i: max(ranks.get(tok[:i], 1 << 30), ranks.get(tok[i:], 1 << 30)))
         merges.append(f"{to_str(tok[:split])} {to_str(tok[split:])}")
