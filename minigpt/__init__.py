@@ -1,6 +1,7 @@
 """minigpt: a from-scratch, pure-PyTorch GPT-2."""
 
 from .checkpoint import CheckpointError, load_model, save_model
+from .classify import GPTClassifier, load_classifier
 from .config import PRESETS, GPTConfig, get_preset
 from .data import (NAMED_CORPORA, DataError, DocumentChunkDataset, GPTDatasetV1, TokenWindowDataset,
                    chunk_documents, create_dataloader_v1, iter_documents, load_token_ids, pack_documents,
@@ -33,6 +34,8 @@ __all__ = [
     # weights and checkpoints
     "save_model", "load_model", "CheckpointError", "from_pretrained", "download_and_load_gpt2",
     "load_weights_into_gpt", "save_hf", "DownloadError",
+    # classification
+    "GPTClassifier", "load_classifier",
     # inspection
     "nearest_neighbors", "hidden_states", "attention_maps", "plot_attention", "plot_attention_grid",
 ]
