@@ -100,6 +100,19 @@ def causal_mask(n_queries: int, n_keys: int, device: torch.device) -> torch.Tens
     return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(n_keys - n_queries)
 
 
+def left_pad_mask(left_pad: torch.Tensor, n_queries: int, n_keys: int) -> torch.Tensor:
+    """Boolean (batch, 1, n_queries, n_keys) causal mask that also hides left padding.
+
+    Row b starts with `left_pad[b]` padding slots. A padding query may attend only to
+    itself: a row with nothing to attend to would make softmax NaN, and 0 * NaN would
+    leak into the real tokens even though they never attend to padding.
+    """
+    keys = torch.arange(n_keys, device=left_pad.device)
+    queries = keys[n_keys - n_queries:, None]
+    is_real_key = keys >= left_pad[:, None, None]  # (batch, 1, n_keys)
+    return ((keys <= queries) & (is_real_key | (keys == queries))).unsqueeze(1)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention."""
 
@@ -134,27 +147,34 @@ class MultiHeadAttention(nn.Module):
         return (self._split_heads(self.W_query(x)), self._split_heads(self.W_key(x)),
                 self._split_heads(self.W_value(x)))
 
-    def attention_weights(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """softmax(QK^T / sqrt(d)) with future positions masked: (batch, heads, q, k)."""
+    def attention_weights(self, queries: torch.Tensor, keys: torch.Tensor,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+        """softmax(QK^T / sqrt(d)) with future positions masked: (batch, heads, q, k).
+
+        `mask` (True = may attend) replaces the causal mask, e.g. `left_pad_mask`.
+        """
         scores = queries @ keys.transpose(2, 3)
-        mask = causal_mask(queries.shape[2], keys.shape[2], scores.device)
+        if mask is None:
+            mask = causal_mask(queries.shape[2], keys.shape[2], scores.device)
         scores = scores.masked_fill(~mask, -torch.inf)
         return torch.softmax(scores / keys.shape[-1] ** 0.5, dim=-1)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         queries, keys, values = self.qkv(x)
         if kv_cache is not None:
             keys, values = kv_cache.update(layer, keys, values)
 
         if self.attention == "reference":
-            weights = self.dropout(self.attention_weights(queries, keys))
+            weights = self.dropout(self.attention_weights(queries, keys, mask))
             context = weights @ values
         else:
             n_keys = keys.shape[2]
-            # A single new query may see every cached key; a full prompt is plain causal;
-            # a chunk after a cached prefix needs the offset mask.
-            mask = None if n == 1 or n == n_keys else causal_mask(n, n_keys, x.device)
+            # Without padding: a single new query may see every cached key; a full prompt
+            # is plain causal; a chunk after a cached prefix needs the offset mask.
+            if mask is None and n > 1 and n < n_keys:
+                mask = causal_mask(n, n_keys, x.device)
             context = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=mask, is_causal=mask is None and n > 1,
                 dropout_p=self.dropout.p if self.training else 0.0)
@@ -176,8 +196,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.emb_dim)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
-    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache, layer))
+    def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_shortcut(self.att(self.norm1(x), kv_cache, layer, mask))
         x = x + self.drop_shortcut(self.ff(self.norm2(x)))
         return x
 
@@ -236,10 +257,16 @@ class GPTModel(nn.Module):
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
 
-    def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None,
+                left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (batch, tokens, vocab_size) for token ids (batch, tokens).
 
         With a `kv_cache`, `in_idx` continues the cached sequence and the cache is advanced.
+        `left_pad` (batch,) counts the padding slots at the start of each row (prompts of
+        different lengths, right-aligned): they are masked out and each row's positions
+        start at its first real token, so a row gets the logits it would get alone.
+        `last_only` computes the output head for the last position only (batch, 1, vocab):
+        all that decoding needs, and the head is the largest matrix multiply.
         """
         start = 0 if kv_cache is None else kv_cache.length
         self.check_input(in_idx, start)
@@ -247,11 +274,17 @@ class GPTModel(nn.Module):
         if kv_cache is not None and start + n > kv_cache.max_len:
             raise ValueError(f"KV cache holds {kv_cache.max_len} positions; {start + n} needed")
         pos = torch.arange(start, start + n, device=in_idx.device)
+        mask = None
+        if left_pad is not None:
+            mask = left_pad_mask(left_pad, n, start + n)
+            pos = (pos - left_pad[:, None]).clamp(min=0)  # (batch, tokens); padding sits at 0
         x = self.drop_emb(self.tok_emb(in_idx) + self.pos_emb(pos))
         for layer, block in enumerate(self.trf_blocks):
-            x = block(x, kv_cache, layer)
+            x = block(x, kv_cache, layer, mask)
         if kv_cache is not None:
             kv_cache.length += n
+        if last_only:
+            x = x[:, -1:]
         return self.out_head(self.final_norm(x))
 
     def num_parameters(self, exclude_output_head: bool = False, exclude_position: bool = False) -> int:

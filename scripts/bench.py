@@ -1,0 +1,334 @@
+"""minigpt against Hugging Face transformers, side by side, in one run.
+
+    python scripts/bench.py            # the full table (about 10 minutes on 2 CPU cores)
+    python scripts/bench.py --quick    # a smaller, shorter run (under 2 minutes)
+    python scripts/bench.py --device cuda --json bench.json
+
+First the machine's ceilings (matmul GFLOP/s in float32 and bfloat16, copy bandwidth), then
+training and generation throughput. Every contender runs in a subprocess of its own, so its peak
+memory is its own; each row is the median over timed repetitions after warm-up.
+
+What is compared:
+- Training: forward + backward + AdamW step on random token windows. Both models are GPT-2 with
+  qkv biases and a tied output head (equal parameter counts); both use `torch.optim.AdamW(fused=True)`
+  (Hugging Face's Trainer default with torch >= 2.8) and the same threads, batch and sequence length.
+  minigpt runs as `python -m minigpt.train` does (its allocator setting included); Hugging Face runs
+  as a user's process would, plus a row with minigpt's allocator setting for reference.
+  "bf16" means autocast to bfloat16 with float32 weights, for both.
+  MFU = model FLOPs per second / measured matmul peak of the dtype, counting 6 x parameters
+  (without the position embedding) per token plus attention 12 x layers x context x emb_dim.
+- Generation: greedy, 100 new tokens after an 8-token prompt, GPT-2 124M shape, batch 1 and 8.
+  minigpt with and without its KV cache, in float32 and with bfloat16 weights; Hugging Face
+  `generate` (sdpa, its own cache) in float32. The floor is the time to read all weights once per
+  step at the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TRAIN_CONFIGS = {
+    # name: (n_layers, n_heads, emb_dim, context, batch)
+    "seed-124M": (12, 12, 768, 256, 2),
+    "small": (6, 6, 384, 256, 8),
+}
+QUICK_TRAIN_CONFIGS = {"small": (6, 6, 384, 256, 8)}
+
+
+# ------------------------------------------------------------------------------------------------
+# timing helpers
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    """Seconds one call of `fn` takes (CUDA events on a GPU, wall clock on the CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize(device)
+        return start.elapsed_time(end) / 1000
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------------------
+# ceilings
+
+
+def matmul_gflops(n: int, m: int, k: int, dtype: torch.dtype, device: torch.device, seconds: float) -> float:
+    a = torch.randn(n, k, device=device, dtype=dtype)
+    b = torch.randn(k, m, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 3:
+        times.append(timed(lambda: a @ b, device))
+    return 2 * n * m * k / statistics.median(times) / 1e9
+
+
+def copy_gbps(device: torch.device, mb: int = 512) -> float:
+    src = torch.ones(mb * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = [timed(lambda: dst.copy_(src), device) for _ in range(7)]
+    return 2 * src.numel() * 4 / statistics.median(times) / 1e9  # read + write
+
+
+def ceilings(device: torch.device, quick: bool) -> dict:
+    seconds = 0.5 if quick else 1.5
+    out = {"fp32_gflops": matmul_gflops(2048, 2048, 2048, torch.float32, device, seconds),
+           "bf16_gflops": matmul_gflops(2048, 2048, 2048, torch.bfloat16, device, seconds),
+           # the model's own largest shapes: the MLP and the output head of GPT-2 small at 512 tokens
+           "fp32_gflops_mlp": matmul_gflops(512, 3072, 768, torch.float32, device, seconds),
+           "fp32_gflops_head": matmul_gflops(512, 50304, 768, torch.float32, device, seconds),
+           "copy_gbps": copy_gbps(device, 256 if quick else 1024)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# contenders (each runs in its own process: `bench.py --worker JSON`)
+
+
+def build(kind: str, n_layers: int, n_heads: int, emb_dim: int, context: int, device: torch.device):
+    torch.manual_seed(0)
+    if kind == "minigpt":
+        from minigpt import GPTConfig, GPTModel
+
+        cfg = GPTConfig(context_length=context, emb_dim=emb_dim, n_heads=n_heads, n_layers=n_layers,
+                        drop_rate=0.0, qkv_bias=True, tie_weights=True)
+        return GPTModel(cfg).to(device)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(n_positions=context, n_embd=emb_dim, n_head=n_heads, n_layer=n_layers, resid_pdrop=0.0,
+                     embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg, attn_implementation="sdpa").to(device)
+    return model
+
+
+def logits_of(kind: str, model, x: torch.Tensor) -> torch.Tensor:
+    return model(x) if kind == "minigpt" else model(x).logits
+
+
+def train_worker(spec: dict) -> dict:
+    device = torch.device(spec["device"])
+    n_layers, n_heads, emb_dim, context, batch = spec["shape"]
+    kind = spec["kind"]
+    if spec.get("allocator"):
+        from minigpt.device import keep_freed_memory
+
+        keep_freed_memory()
+    model = build(kind, n_layers, n_heads, emb_dim, context, device).train()
+    if kind == "minigpt":
+        from minigpt.train import configure_optimizer
+
+        optimizer = configure_optimizer(model, 1e-4, 0.1, device)
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if spec["dtype"] == "bf16" else None
+    gen = torch.Generator().manual_seed(0)
+    data = torch.randint(0, 50257, (8, batch, context + 1), generator=gen)
+    losses = []
+
+    def step(i: int) -> None:
+        xy = data[i % len(data)].to(device)
+        x, y = xy[:, :-1], xy[:, 1:]
+        if amp is not None:
+            with amp:
+                logits = logits_of(kind, model, x)
+                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        else:
+            logits = logits_of(kind, model, x)
+            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        del logits
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+
+    for i in range(spec["warmup"]):
+        step(i)
+    times = [timed(lambda i=i: step(i), device) for i in range(spec["warmup"], spec["warmup"] + spec["steps"])]
+    params = sum(p.numel() for p in model.parameters())
+    return {"step_s": statistics.median(times), "tokens_per_s": batch * context / statistics.median(times),
+            "params": params, "peak_rss_mb": peak_rss_mb(), "losses": losses,
+            "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+
+
+def generate_worker(spec: dict) -> dict:
+    device = torch.device(spec["device"])
+    kind = spec["kind"]
+    from minigpt.device import keep_freed_memory
+
+    if kind.startswith("minigpt"):
+        keep_freed_memory()
+    model = build("minigpt" if kind.startswith("minigpt") else "hf", 12, 12, 768, 1024, device).eval()
+    dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
+    model = model.to(dtype)
+    gen = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 50256, (spec["batch"], 8), generator=gen).to(device)
+    n = spec["new_tokens"]
+    if kind.startswith("minigpt"):
+        from minigpt.generate import generate
+
+        use_cache = kind == "minigpt"
+
+        def run() -> None:
+            with torch.inference_mode():
+                out = generate(model, idx, n, use_cache=use_cache)
+            assert out.shape[1] == 8 + n
+    else:
+        def run() -> None:
+            with torch.inference_mode():
+                out = model.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=n,
+                                     min_new_tokens=n, pad_token_id=0)
+            assert out.shape[1] == 8 + n
+
+    run()  # warm-up
+    times = [timed(run, device) for _ in range(spec["repeats"])]
+    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    return {"seconds": statistics.median(times), "tokens_per_s": spec["batch"] * n / statistics.median(times),
+            "weight_bytes": weight_bytes, "peak_rss_mb": peak_rss_mb()}
+
+
+def run_worker(spec: dict, threads: int) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, capture_output=True,
+                          text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# the report
+
+
+def train_flops_per_token(params_no_pos: int, n_layers: int, emb_dim: int, context: int) -> float:
+    return 6 * params_no_pos + 12 * n_layers * emb_dim * context
+
+
+def bench_training(args, device: torch.device, ceil: dict) -> list[dict]:
+    rows = []
+    configs = QUICK_TRAIN_CONFIGS if args.quick else TRAIN_CONFIGS
+    for name, shape in configs.items():
+        n_layers, _, emb_dim, context, batch = shape
+        for dtype in ("fp32", "bf16"):
+            peak = ceil["fp32_gflops"] if dtype == "fp32" else ceil["bf16_gflops"]
+            contenders = [("minigpt", True), ("hf", False)] + ([] if args.quick else [("hf", True)])
+            results = {}
+            for kind, allocator in contenders:
+                spec = {"kind": kind, "shape": shape, "dtype": dtype, "device": str(device), "allocator": allocator,
+                        "warmup": 2 if args.quick else 3, "steps": 3 if args.quick else 7}
+                runs = [run_worker(spec, args.threads) for _ in range(1 if args.quick else args.repeats)]
+                r = min(runs, key=lambda r: r["step_s"]) if len(runs) == 1 else \
+                    sorted(runs, key=lambda r: r["step_s"])[len(runs) // 2]
+                label = kind + (" +alloc" if kind == "hf" and allocator else "")
+                flops = train_flops_per_token(r["params"] - context * emb_dim, n_layers, emb_dim, context)
+                r.update(config=name, dtype=dtype, contender=label, mfu=flops * r["tokens_per_s"] / (peak * 1e9))
+                results[label] = r
+                rows.append(r)
+            base = results["hf"]["tokens_per_s"]
+            for r in results.values():
+                r["vs_hf"] = r["tokens_per_s"] / base
+    return rows
+
+
+def bench_generation(args, device: torch.device, ceil: dict) -> list[dict]:
+    rows = []
+    n = 20 if args.quick else 100
+    for batch in ((1,) if args.quick else (1, 8)):
+        results = {}
+        contenders = [("minigpt", "fp32"), ("minigpt", "bf16"), ("minigpt-nocache", "fp32"), ("hf", "fp32")]
+        if not args.quick:
+            contenders.append(("hf", "bf16"))
+        for kind, dtype in contenders:
+            repeats = 1 if args.quick or kind == "minigpt-nocache" else 3
+            spec = {"kind": kind, "dtype": dtype, "batch": batch, "new_tokens": n, "device": str(device),
+                    "repeats": repeats}
+            r = run_worker(spec, args.threads)
+            r.update(batch=batch, dtype=dtype, contender=kind,
+                     floor_tokens_per_s=batch * ceil["copy_gbps"] * 1e9 / r["weight_bytes"])
+            results[(kind, dtype)] = r
+            rows.append(r)
+        for r in results.values():
+            r["vs_hf_fp32"] = r["tokens_per_s"] / results[("hf", "fp32")]["tokens_per_s"]
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smaller, shorter run (a smoke test)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads per contender")
+    parser.add_argument("--repeats", type=int, default=3, help="processes per training row (median)")
+    parser.add_argument("--only", choices=("train", "generate"), default=None, help="run one half")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        spec = json.loads(args.worker)
+        result = train_worker(spec) if "shape" in spec else generate_worker(spec)
+        print(json.dumps(result))
+        return 0
+
+    device = torch.device(args.device)
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
+          f"{args.threads} threads")
+    ceil = ceilings(device, args.quick)
+    print(f"matmul fp32 {ceil['fp32_gflops']:.0f} GFLOP/s (2048^3), {ceil['fp32_gflops_mlp']:.0f} (MLP 512x768x3072), "
+          f"{ceil['fp32_gflops_head']:.0f} (head 512x768x50304); bf16 {ceil['bf16_gflops']:.0f} GFLOP/s; "
+          f"copy {ceil['copy_gbps']:.1f} GB/s")
+    report: dict = {"ceilings": ceil, "threads": args.threads, "device": str(device)}
+    if args.only in (None, "train"):
+        rows = bench_training(args, device, ceil)
+        report["training"] = rows
+        print("\ntraining (median step; tokens/s; MFU vs the dtype's matmul peak; peak RSS)")
+        print(f"{'config':10} {'dtype':5} {'contender':12} {'tokens/s':>9} {'vs HF':>6} {'MFU':>6} {'step ms':>8} "
+              f"{'RSS MB':>7} {'params':>11}")
+        for r in rows:
+            print(f"{r['config']:10} {r['dtype']:5} {r['contender']:12} {r['tokens_per_s']:9.0f} {r['vs_hf']:5.2f}x "
+                  f"{r['mfu']:6.1%} {r['step_s'] * 1000:8.0f} {r['peak_rss_mb']:7.0f} {r['params']:11,}")
+    if args.only in (None, "generate"):
+        rows = bench_generation(args, device, ceil)
+        report["generation"] = rows
+        print("\ngeneration (greedy, 8-token prompt; new tokens/s; floor = weights read once per step at copy "
+              "bandwidth)")
+        print(f"{'batch':5} {'dtype':5} {'contender':16} {'tokens/s':>9} {'vs HF fp32':>10} {'floor':>7} "
+              f"{'RSS MB':>7}")
+        for r in rows:
+            print(f"{r['batch']:5} {r['dtype']:5} {r['contender']:16} {r['tokens_per_s']:9.1f} "
+                  f"{r['vs_hf_fp32']:9.2f}x {r['floor_tokens_per_s']:7.0f} {r['peak_rss_mb']:7.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
