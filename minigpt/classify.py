@@ -33,10 +33,10 @@ from torch.utils.data import TensorDataset
 
 from .checkpoint import WEIGHTS_FILE, CheckpointError, load_state_into, load_trainer_state, read_config
 from .config import GPTConfig, as_config, get_preset
-from .data import DataError
+from .data import DataError, iter_jsonl_records
 from .device import keep_freed_memory, resolve_device
 from .model import GPTModel
-from .plot import plt  # pyplot, with the file-only backend minigpt.plot selects
+from .plot import plot_classification
 from .tokenizer import EOS_ID, EOS_TOKEN, get_tokenizer
 from .train import DTYPES, NonFiniteLoss, Trainer, TrainConfig, list_checkpoints, resolve_resume, stack_examples
 
@@ -72,21 +72,12 @@ def _csv_rows(path: Path, text_column: str | None, label_column: str | None) -> 
 
 
 def _jsonl_rows(path: Path, text_field: str | None, label_field: str | None) -> Iterator[tuple[int, str, Any]]:
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}: line {lineno} is a JSON {type(record).__name__}, not an object")
-            text = _column(path, list(record), text_field, "text", "--text-column")
-            label = _column(path, list(record), label_field, "label", "--label-column")
-            if not isinstance(record[text], str):
-                raise DataError(f"{path}: line {lineno}: {text!r} is a {type(record[text]).__name__}, not a string")
-            yield lineno, record[text], record[label]
+    for lineno, record in iter_jsonl_records(path):
+        text = _column(path, list(record), text_field, "text", "--text-column")
+        label = _column(path, list(record), label_field, "label", "--label-column")
+        if not isinstance(record[text], str):
+            raise DataError(f"{path}: line {lineno}: {text!r} is a {type(record[text]).__name__}, not a string")
+        yield lineno, record[text], record[label]
 
 
 def read_examples(path: str | Path, text_column: str | None = None, label_column: str | None = None,
@@ -332,21 +323,6 @@ def format_scores(split: str, result: dict[str, Any]) -> str:
     for label, c in result["classes"].items():
         lines.append(f"  {label:<12} {c['support']:>8} {100 * c['precision']:>9.1f}% {100 * c['recall']:>7.1f}%")
     return "\n".join(lines)
-
-
-def plot_classification(history: dict[str, list], path: Path) -> Path:
-    """Training and validation loss (left) and accuracy (right) against epochs."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
-    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
-        ax.plot(history["epoch"], history[f"train_{metric}"], label=f"Training {metric}")
-        ax.plot(history["epoch"], history[f"val_{metric}"], linestyle="-.", label=f"Validation {metric}")
-        ax.set_xlabel("Epochs")
-        ax.set_ylabel(metric.capitalize())
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
 
 
 class ClassificationTask:

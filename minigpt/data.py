@@ -217,8 +217,8 @@ def _csv_documents(path: Path, text_column: str | None) -> Iterator[str]:
         raise DataError(f"{path}: line {reader.line_num}: {e}") from None
 
 
-def _jsonl_documents(path: Path, text_field: str | None) -> Iterator[str]:
-    field = text_field or "text"
+def iter_jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSON-lines file."""
     for lineno, line in enumerate(_lines(path), 1):
         if not line.strip():
             continue
@@ -228,6 +228,12 @@ def _jsonl_documents(path: Path, text_field: str | None) -> Iterator[str]:
             raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}: line {lineno} is a JSON {type(record).__name__}, not an object")
+        yield lineno, record
+
+
+def _jsonl_documents(path: Path, text_field: str | None) -> Iterator[str]:
+    field = text_field or "text"
+    for lineno, record in iter_jsonl_records(path):
         if field not in record:
             raise DataError(f"{path}: line {lineno} has no field {field!r}; its fields are: "
                             f"{', '.join(record)}")

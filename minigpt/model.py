@@ -287,6 +287,13 @@ class GPTModel(nn.Module):
             x = x[:, -1:]
         return self.out_head(self.final_norm(x))
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu", **kwargs: Any) -> GPTModel:
+        """GPT-2 by name ("gpt2", ..., "gpt2-xl") or a checkpoint directory; see `minigpt.from_pretrained`."""
+        from .weights import from_pretrained  # the weights package builds on this module
+
+        return from_pretrained(name_or_path, device=device, **kwargs)
+
     def num_parameters(self, exclude_output_head: bool = False, exclude_position: bool = False) -> int:
         """Count distinct parameters (a tied head counts once).
 

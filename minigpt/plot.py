@@ -8,23 +8,31 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
+    from matplotlib import pyplot
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
     from matplotlib.image import AxesImage
 
 
+def _pyplot() -> pyplot:
+    # Imported on first plot, not with the package: matplotlib adds about a second to start-up.
+    # "Agg" draws into files only, so plotting works without a display.
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    return pyplot
+
+
 def plot_losses(epochs_seen: Sequence[float], tokens_seen: Sequence[int], train_losses: Sequence[float],
                 val_losses: Sequence[float], path: str | os.PathLike = "loss-plot.png") -> Path:
     """Training and validation loss against epochs, with tokens seen on a second x-axis."""
-    fig, ax1 = plt.subplots(figsize=(5, 3))
+    fig, ax1 = _pyplot().subplots(figsize=(5, 3))
     ax1.plot(epochs_seen, train_losses, label="Training loss")
     ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
     ax1.set_xlabel("Epochs")
@@ -41,8 +49,21 @@ def _save_figure(fig: Figure, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
+    _pyplot().close(fig)
     return path
+
+
+def plot_classification(history: dict[str, list], path: str | os.PathLike) -> Path:
+    """Classifier training and validation loss (left) and accuracy (right) against epochs."""
+    fig, axes = _pyplot().subplots(1, 2, figsize=(9, 3))
+    for ax, metric in zip(axes, ("loss", "accuracy"), strict=True):
+        ax.plot(history["epoch"], history[f"train_{metric}"], label=f"Training {metric}")
+        ax.plot(history["epoch"], history[f"val_{metric}"], linestyle="-.", label=f"Validation {metric}")
+        ax.set_xlabel("Epochs")
+        ax.set_ylabel(metric.capitalize())
+        ax.legend()
+    fig.tight_layout()
+    return _save_figure(fig, path)
 
 
 # Beyond this many tokens the tick labels overlap into a black smear; the heatmap alone still reads.
@@ -75,7 +96,7 @@ def plot_attention(weights: torch.Tensor | np.ndarray, tokens: Sequence[str], pa
     if weights.shape != (n, n):
         raise ValueError(f"expected ({n}, {n}) attention weights for {n} tokens, got shape {weights.shape}")
     side = min(16.0, max(4.0, 0.3 * n + 2))
-    fig, ax = plt.subplots(figsize=(side + 1, side), layout="constrained")
+    fig, ax = _pyplot().subplots(figsize=(side + 1, side), layout="constrained")
     image = _draw_attention(ax, weights, tokens)
     ax.set_xlabel("key (attended to)")
     ax.set_ylabel("query (attending)")
@@ -97,7 +118,7 @@ def plot_attention_grid(weights: torch.Tensor | np.ndarray, tokens: Sequence[str
     cols = math.ceil(math.sqrt(n_heads))
     rows = math.ceil(n_heads / cols)
     cell = min(6.0, max(2.5, 0.2 * n + 1))
-    fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows), squeeze=False,
+    fig, axes = _pyplot().subplots(rows, cols, figsize=(cell * cols, cell * rows), squeeze=False,
                              layout="constrained")
     for i, ax in enumerate(axes.flat):
         if i >= n_heads:

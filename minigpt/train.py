@@ -549,7 +549,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None,
                    help="share the output head with the token embedding")
     g.add_argument("--attention", choices=("sdpa", "reference"), default=None, help="attention path")
-    g.add_argument("--init", choices=("gpt2", "torch"), default=None, help="weight initialisation")
+    g.add_argument("--init", choices=("gpt2", "torch"), default="torch",
+                   help="weight initialisation: torch (PyTorch's default, as the tutorial's model: its wide "
+                        "N(0, 1) embeddings fit a short text within the chapter-5 run's 90 steps) or gpt2 "
+                        "(the paper's std-0.02 init, the library default, slower to start at lr 5e-4)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps instead")

@@ -9,7 +9,7 @@ from minigpt import GPTConfig, GPTModel
 
 
 def random_hf_gpt2(n_layer: int = 2, n_head: int = 4, n_embd: int = 32, vocab: int = 100,
-                   n_positions: int = 32, seed: int = 0) -> GPT2LMHeadModel:
+                   n_positions: int = 32, seed: int = 0, tie: bool = True) -> GPT2LMHeadModel:
     """A small GPT2LMHeadModel (eval mode, no dropout) with *every* parameter random.
 
     HF's init leaves LayerNorms at 1/0 and biases at 0, which would hide a weight copied
@@ -19,13 +19,14 @@ def random_hf_gpt2(n_layer: int = 2, n_head: int = 4, n_embd: int = 32, vocab: i
     """
     config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab,
                         n_positions=n_positions, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=vocab - 1, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+                        bos_token_id=vocab - 1, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+                        tie_word_embeddings=tie)
     model = GPT2LMHeadModel(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            if name.endswith(("wte.weight", "wpe.weight")):
+            if name.endswith(("wte.weight", "wpe.weight", "lm_head.weight")):
                 p.copy_(0.5 * noise)
             elif p.dim() == 2:  # Conv1D weights are [in, out]
                 p.copy_(3.0 / p.shape[0] ** 0.5 * noise)

@@ -205,3 +205,16 @@ def test_train_model_simple_returns_the_tutorials_lists(tiny_cfg, tokenizer, cap
     assert len(train_losses) == len(val_losses) == 3 and all(math.isfinite(v) for v in train_losses)
     printed = capsys.readouterr().out
     assert "Ep 1 (Step 000000): Train loss" in printed and printed.count("Every effort moves you") == 2
+
+
+def test_cli_defaults_are_the_chapter5_setup():
+    from minigpt.train import build_parser, model_config
+
+    args = build_parser().parse_args([])
+    cfg = model_config(args)
+    assert (cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_heads, cfg.n_layers) == (50257, 256, 768, 12, 12)
+    assert (cfg.drop_rate, cfg.qkv_bias, cfg.tie_weights, cfg.init) == (0.1, False, False, "torch")
+    assert (args.data, args.batch_size, args.lr, args.weight_decay, args.epochs, args.seed) == \
+        ("the-verdict", 2, 5e-4, 0.1, 10, 123)
+    assert (args.eval_interval, args.eval_iters, args.val_ratio, args.stride) == (5, 5, 0.1, None)
+    assert args.sample_prompt == "Every effort moves you"

@@ -13,28 +13,21 @@ import re
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2LMHeadModel
 
 from minigpt import GPTConfig, GPTModel
 from minigpt.checkpoint import CheckpointError, save_model
 from minigpt.convert import main as convert_main
 from minigpt.weights import detect_format, from_pretrained, load_hf, save_hf
 from minigpt.weights.hf import gpt2_name, hf_name
+from tests.hf_utils import random_hf_gpt2
 
 VOCAB, CTX, EMB, LAYERS, HEADS = 100, 16, 32, 2, 4
 ATOL = 1e-4
 
 
 def random_gpt2(tie: bool = True, seed: int = 0) -> GPT2LMHeadModel:
-    """A tiny GPT2LMHeadModel in eval mode with every parameter (LayerNorms, biases) random."""
-    config = GPT2Config(vocab_size=VOCAB, n_positions=CTX, n_embd=EMB, n_layer=LAYERS, n_head=HEADS,
-                        tie_word_embeddings=tie, bos_token_id=0, eos_token_id=0)
-    model = GPT2LMHeadModel(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-    return model
+    return random_hf_gpt2(n_layer=LAYERS, n_head=HEADS, n_embd=EMB, vocab=VOCAB, n_positions=CTX, seed=seed, tie=tie)
 
 
 def random_gpt_model(cfg: GPTConfig, seed: int = 0) -> GPTModel:
