@@ -34,7 +34,7 @@ from torch.utils.data import TensorDataset
 from .checkpoint import WEIGHTS_FILE, CheckpointError, load_state_into, load_trainer_state, read_config
 from .config import GPTConfig, as_config, get_preset
 from .data import DataError, iter_jsonl_records
-from .device import keep_freed_memory, resolve_device
+from .device import keep_freed_memory, resolve_device, to_device
 from .model import GPTModel
 from .plot import plot_classification
 from .tokenizer import EOS_ID, EOS_TOKEN, get_tokenizer
@@ -330,7 +330,7 @@ class ClassificationTask:
     a `GPTClassifier`: cross-entropy on the label; accuracy besides the loss when evaluating."""
 
     def loss(self, model: GPTClassifier, batch: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
-        ids, lengths, targets = (t.to(device) for t in batch)
+        ids, lengths, targets = (to_device(t, device) for t in batch)
         return F.cross_entropy(model(ids, lengths), targets)
 
     def evaluate(self, model: GPTClassifier, batches, device: torch.device) -> dict[str, float]:

@@ -26,7 +26,9 @@ class GPTConfig:
     qkv_bias: bool = False
     # GPT-2 shares the output head with the token embedding; the tutorial's model does not.
     tie_weights: bool = False
-    # "sdpa": fused scaled_dot_product_attention; "reference": the readable masked softmax.
+    # "sdpa": fused kernels (scaled_dot_product_attention, F.layer_norm, F.gelu); "reference":
+    # the tutorial's written-out math (masked softmax, LayerNorm and GELU formulas), which
+    # reproduces the tutorial's numbers bit for bit and can return attention weights.
     attention: str = "sdpa"
     # "gpt2": the paper's init; "torch": PyTorch's default init, as the tutorial's model has.
     init: str = "gpt2"
@@ -48,6 +50,10 @@ class GPTConfig:
             )
         if self.init not in INIT_KINDS:
             raise ValueError(f"GPTConfig.init must be one of {INIT_KINDS}, got {self.init!r}")
+
+    @property
+    def fused_ops(self) -> bool:
+        return self.attention == "sdpa"
 
     @property
     def head_dim(self) -> int:

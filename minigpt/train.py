@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from .checkpoint import CheckpointError, load_model, load_trainer_state, read_config, save_model
 from .config import GPTConfig, get_preset
-from .device import keep_freed_memory, resolve_device
+from .device import keep_freed_memory, resolve_device, to_device, use_fast_matmul
 from .distributed import (DistInfo, all_reduce_sum, barrier, full_state, gather_objects, init_distributed,
                           load_full_optimizer_state, shutdown, wrap_model)
 from .generate import generate_text_simple
@@ -126,6 +126,7 @@ class TrainConfig:
     sample_tokens: int = 50
     report_to: str = "none"
     progress: bool = True
+    compile: bool = False
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -180,7 +181,8 @@ class LanguageModelTask:
         self.tokenizer, self.sample_prompt, self.sample_tokens = tokenizer, sample_prompt, sample_tokens
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
-        return calc_loss_batch(batch[0], batch[1], model, device)
+        # The model's own loss: `calc_loss_batch`'s value without the (tokens, vocab) logits.
+        return model(to_device(batch[0], device), targets=to_device(batch[1], device))
 
     def evaluate(self, model: nn.Module, batches, device: torch.device) -> dict[str, float]:
         """Metrics over `batches` (in eval mode, without gradients): the mean batch loss."""
@@ -225,9 +227,13 @@ class Trainer:
         self.cfg, self.task, self.out_dir, self.args = cfg, task, out_dir, args
         self.dist = dist_info or DistInfo()
         self.device = device or resolve_device(cfg.device)
+        use_fast_matmul(self.device)
         self.fsdp = fsdp
         self.module = model.to(self.device)  # the GPTModel (sharded in place under FSDP)
         self.model = wrap_model(self.module, self.dist, self.device, fsdp)  # what training calls
+        if cfg.compile:
+            # Compiled lazily at the first step; evaluation and sampling use the plain module.
+            self.model = torch.compile(self.model)
         self.train_set, self.val_set = train_set, val_set
         self.state = TrainState()
         self.optimizer = configure_optimizer(self.module, cfg.lr, cfg.weight_decay, self.device, fused=not fsdp)
@@ -571,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "optimizer state over the ranks (FSDP) instead of replicating the model (DDP)")
     g.add_argument("--dist-timeout", type=float, default=600.0,
                    help="seconds a rank waits for the others before the job fails")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training step's model (the first "
+                   "step then takes a minute or more to compile; needs a C++ compiler on the CPU)")
     g.add_argument("--seed", type=int, default=d.seed, help="seeds the weights, dropout and data order")
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-interval", type=int, default=d.eval_interval, help="evaluate every N steps (0: never)")

@@ -26,6 +26,7 @@ What is compared:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -71,6 +72,15 @@ def timed(fn, device: torch.device) -> float:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. Linux's ru_maxrss carries the parent's peak over
+    fork and exec, so the kernel's per-process high-water mark (VmHWM) is read where it exists."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -79,6 +89,7 @@ def peak_rss_mb() -> float:
 
 
 def matmul_gflops(n: int, m: int, k: int, dtype: torch.dtype, device: torch.device, seconds: float) -> float:
+    """The best rate of (n x k) @ (k x m) over `seconds` of repetitions: a peak, not a typical value."""
     a = torch.randn(n, k, device=device, dtype=dtype)
     b = torch.randn(k, m, device=device, dtype=dtype)
     for _ in range(3):
@@ -87,7 +98,7 @@ def matmul_gflops(n: int, m: int, k: int, dtype: torch.dtype, device: torch.devi
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline or len(times) < 3:
         times.append(timed(lambda: a @ b, device))
-    return 2 * n * m * k / statistics.median(times) / 1e9
+    return 2 * n * m * k / min(times) / 1e9
 
 
 def copy_gbps(device: torch.device, mb: int = 512) -> float:
@@ -98,14 +109,19 @@ def copy_gbps(device: torch.device, mb: int = 512) -> float:
     return 2 * src.numel() * 4 / statistics.median(times) / 1e9  # read + write
 
 
+# Square 2048, then GPT-2 small's own largest multiplies at 512 tokens: the MLP and the output head.
+MATMUL_SHAPES = {"2048^3": (2048, 2048, 2048), "mlp": (512, 3072, 768), "head": (512, 50304, 768)}
+
+
 def ceilings(device: torch.device, quick: bool) -> dict:
+    """Matmul GFLOP/s per dtype and shape, the peak per dtype (the best shape), copy GB/s."""
     seconds = 0.5 if quick else 1.5
-    out = {"fp32_gflops": matmul_gflops(2048, 2048, 2048, torch.float32, device, seconds),
-           "bf16_gflops": matmul_gflops(2048, 2048, 2048, torch.bfloat16, device, seconds),
-           # the model's own largest shapes: the MLP and the output head of GPT-2 small at 512 tokens
-           "fp32_gflops_mlp": matmul_gflops(512, 3072, 768, torch.float32, device, seconds),
-           "fp32_gflops_head": matmul_gflops(512, 50304, 768, torch.float32, device, seconds),
-           "copy_gbps": copy_gbps(device, 256 if quick else 1024)}
+    out: dict = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        rates = {shape: matmul_gflops(*dims, dtype, device, seconds) for shape, dims in MATMUL_SHAPES.items()}
+        out[f"{name}_gflops_by_shape"] = rates
+        out[f"{name}_gflops"] = max(rates.values())
+    out["copy_gbps"] = copy_gbps(device, 256 if quick else 1024)
     return out
 
 
@@ -124,13 +140,18 @@ def build(kind: str, n_layers: int, n_heads: int, emb_dim: int, context: int, de
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(n_positions=context, n_embd=emb_dim, n_head=n_heads, n_layer=n_layers, resid_pdrop=0.0,
-                     embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(cfg, attn_implementation="sdpa").to(device)
+                     embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+    model = GPT2LMHeadModel(cfg).to(device)
+    assert model.config._attn_implementation == "sdpa"
     return model
 
 
-def logits_of(kind: str, model, x: torch.Tensor) -> torch.Tensor:
-    return model(x) if kind == "minigpt" else model(x).logits
+def loss_of(kind: str, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each library's training loss as its users compute it: minigpt's trainer asks the model
+    (which skips the full logits), Hugging Face's returns logits for cross-entropy."""
+    if kind == "minigpt":
+        return model(x, targets=y)
+    return torch.nn.functional.cross_entropy(model(x).logits.flatten(0, 1).float(), y.flatten())
 
 
 def train_worker(spec: dict) -> dict:
@@ -156,14 +177,8 @@ def train_worker(spec: dict) -> dict:
     def step(i: int) -> None:
         xy = data[i % len(data)].to(device)
         x, y = xy[:, :-1], xy[:, 1:]
-        if amp is not None:
-            with amp:
-                logits = logits_of(kind, model, x)
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        else:
-            logits = logits_of(kind, model, x)
-            loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
-        del logits
+        with amp or contextlib.nullcontext():
+            loss = loss_of(kind, model, x, y)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -243,10 +258,9 @@ def bench_training(args, device: torch.device, ceil: dict) -> list[dict]:
             results = {}
             for kind, allocator in contenders:
                 spec = {"kind": kind, "shape": shape, "dtype": dtype, "device": str(device), "allocator": allocator,
-                        "warmup": 2 if args.quick else 3, "steps": 3 if args.quick else 7}
-                runs = [run_worker(spec, args.threads) for _ in range(1 if args.quick else args.repeats)]
-                r = min(runs, key=lambda r: r["step_s"]) if len(runs) == 1 else \
-                    sorted(runs, key=lambda r: r["step_s"])[len(runs) // 2]
+                        "warmup": 2, "steps": 3 if args.quick else 5}
+                runs = [run_worker(spec, args.threads) for _ in range(args.repeats)]
+                r = sorted(runs, key=lambda r: r["step_s"])[len(runs) // 2]
                 label = kind + (" +alloc" if kind == "hf" and allocator else "")
                 flops = train_flops_per_token(r["params"] - context * emb_dim, n_layers, emb_dim, context)
                 r.update(config=name, dtype=dtype, contender=label, mfu=flops * r["tokens_per_s"] / (peak * 1e9))
@@ -285,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smaller, shorter run (a smoke test)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads per contender")
-    parser.add_argument("--repeats", type=int, default=3, help="processes per training row (median)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="processes per training row; the row shows the median one (rows vary 15-45%% "
+                             "from run to run on a shared CPU)")
     parser.add_argument("--only", choices=("train", "generate"), default=None, help="run one half")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -302,9 +318,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, device {device}, "
           f"{args.threads} threads")
     ceil = ceilings(device, args.quick)
-    print(f"matmul fp32 {ceil['fp32_gflops']:.0f} GFLOP/s (2048^3), {ceil['fp32_gflops_mlp']:.0f} (MLP 512x768x3072), "
-          f"{ceil['fp32_gflops_head']:.0f} (head 512x768x50304); bf16 {ceil['bf16_gflops']:.0f} GFLOP/s; "
-          f"copy {ceil['copy_gbps']:.1f} GB/s")
+    for name in ("fp32", "bf16"):
+        shapes = ", ".join(f"{shape} {rate:.0f}" for shape, rate in ceil[f"{name}_gflops_by_shape"].items())
+        print(f"matmul {name}: peak {ceil[f'{name}_gflops']:.0f} GFLOP/s ({shapes})")
+    print(f"copy bandwidth {ceil['copy_gbps']:.1f} GB/s")
     report: dict = {"ceilings": ceil, "threads": args.threads, "device": str(device)}
     if args.only in (None, "train"):
         rows = bench_training(args, device, ceil)

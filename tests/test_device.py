@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from minigpt import resolve_device
+from minigpt.device import to_device, use_fast_matmul
 
 
 def test_cpu_and_auto():
@@ -38,3 +39,34 @@ def test_missing_mps_is_a_clear_error():
 def test_unknown_device(name):
     with pytest.raises(ValueError, match="device"):
         resolve_device(name)
+
+
+def test_fast_matmul_only_touches_cuda_settings(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    assert not use_fast_matmul(torch.device("cpu"))
+    assert not torch.backends.cuda.matmul.allow_tf32
+    # Setting the flags needs no GPU, so the CUDA branch is checked here too.
+    assert use_fast_matmul(torch.device("cuda"))
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+
+
+def test_to_device_pins_and_copies_without_blocking_only_for_cuda(monkeypatch):
+    calls = []
+
+    class Recorder(torch.Tensor):
+        def pin_memory(self, *args):
+            calls.append("pin")
+            return self
+
+        def to(self, *args, **kwargs):
+            calls.append(("to", args, kwargs))
+            return self
+
+    t = torch.arange(4).as_subclass(Recorder)
+    to_device(t, torch.device("cuda:0"))
+    assert calls == ["pin", ("to", (torch.device("cuda:0"),), {"non_blocking": True})]
+    calls.clear()
+    assert torch.equal(to_device(torch.arange(4), torch.device("cpu")), torch.arange(4))
+    to_device(t, torch.device("cpu"))
+    assert calls == [("to", (torch.device("cpu"),), {})]

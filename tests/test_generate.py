@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from minigpt import EOS_ID, GPTConfig, GPTModel, KVCache
+from minigpt import generate as generate_module
 from minigpt.checkpoint import save_model
 from minigpt.generate import (
     decode_pieces,
@@ -167,6 +168,28 @@ def test_bfloat16(hf_model, device):
     cached = generate(model16, idx, 20, use_cache=True)
     assert torch.equal(cached, generate(model16, idx, 20, use_cache=False))
     assert cached.dtype == torch.long and cached.shape == (1, 25)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_cpu_linears_give_the_plain_results_and_are_switched_off_after(hf_model, dtype, monkeypatch):
+    model = copy_hf_into_minigpt(hf_model).to(dtype)
+    packed = generate_module.pack_linears(model, batch_size=4)
+    if not packed:
+        pytest.skip("oneDNN weight packing is not available here")
+    assert len(packed) == 6 * 2 + 1  # q, k, v, out_proj and the 2 MLP layers of 2 blocks, and the head
+    idx = torch.randint(0, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(idx)
+        with generate_module._packed(packed):
+            fast = model(idx)
+    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4 if dtype == torch.float32 else 0.05)
+    out = generate(model, idx, 20)
+    monkeypatch.setattr(generate_module, "pack_linears", lambda m, b: {})
+    assert torch.equal(out, generate(model, idx, 20))
+    # Nothing stays patched: the model trains as before.
+    assert not any("forward" in vars(m) for m in model.modules())
+    model(idx).float().sum().backward()
+    assert model.out_head.weight.grad is not None
 
 
 @pytest.mark.parametrize("device", [CUDA])

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt import GPTModel, calc_loss_batch, calc_loss_loader, perplexity
+from minigpt.loss import linear_cross_entropy
 
 
 def test_calc_loss_batch_is_mean_next_token_cross_entropy(tiny_cfg):
@@ -35,3 +36,41 @@ def test_perplexity():
     logits = torch.zeros(1, 10)
     loss = F.cross_entropy(logits, torch.tensor([3]))
     assert perplexity(loss).item() == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_matches_logits_then_cross_entropy(autocast):
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 64, generator=gen, requires_grad=True)
+    weight = (0.3 * torch.randn(1000, 64, generator=gen)).requires_grad_()
+    targets = torch.randint(0, 1000, (300,), generator=gen)
+    grads = []
+    for fn in (lambda: F.cross_entropy(hidden @ weight.t(), targets),
+               lambda: linear_cross_entropy(hidden, weight, targets, chunk_rows=64)):  # 5 chunks, last short
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = fn()
+        (2.5 * loss).backward()  # the upstream gradient scales both
+        grads.append((loss.detach(), hidden.grad, weight.grad))
+        hidden.grad = weight.grad = None
+    (ref, ref_h, ref_w), (got, got_h, got_w) = grads
+    tol = dict(rtol=0, atol=1e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(got_h, ref_h, **tol)
+    torch.testing.assert_close(got_w, ref_w, **tol)
+
+
+def test_model_loss_with_targets_equals_calc_loss_batch(tiny_cfg):
+    torch.manual_seed(0)
+    model = GPTModel(tiny_cfg.replace(drop_rate=0.0))
+    x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 2, 16)).unbind(0)
+    expected = calc_loss_batch(x, y, model, "cpu")
+    expected.backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    loss = model(x, targets=y)
+    loss.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
+    with torch.no_grad():  # evaluation: no gradients computed or kept
+        torch.testing.assert_close(model(x, targets=y), expected.detach(), rtol=1e-6, atol=1e-6)

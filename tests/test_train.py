@@ -107,18 +107,18 @@ def test_truncated_checkpoint_is_a_clear_error(corpus, tmp_path, capsys):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
     import minigpt.train as train_mod
 
-    real = train_mod.calc_loss_batch
+    real = train_mod.LanguageModelTask.loss
     calls = {"n": 0}
 
-    def exploding(x, y, model, device):
-        loss = real(x, y, model, device)
+    def exploding(self, model, batch, device):
+        loss = real(self, model, batch, device)
         if model.training:
             calls["n"] += 1
             if calls["n"] > 3:
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_mod, "calc_loss_batch", exploding)
+    monkeypatch.setattr(train_mod.LanguageModelTask, "loss", exploding)
     out = tmp_path / "run"
     assert main(tiny_args(corpus, out, "--max-steps", "10", "--save-interval", "2")) == 2
     err = capsys.readouterr().err

@@ -1,0 +1,28 @@
+"""`scripts/bench.py --quick` runs end to end (a smoke test: no timings are asserted)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_runs_and_writes_its_table(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--json", str(out)],
+                            capture_output=True, text=True, timeout=1200, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert report["ceilings"]["fp32_gflops"] > 0 and report["ceilings"]["copy_gbps"] > 0
+    train = {(r["dtype"], r["contender"]): r for r in report["training"]}
+    assert set(train) == {(d, c) for d in ("fp32", "bf16") for c in ("minigpt", "hf")}
+    # Same model size on both sides, and every contender trains (finite, roughly ln(vocab) losses).
+    assert train["fp32", "minigpt"]["params"] == train["fp32", "hf"]["params"]
+    assert all(9 < r["losses"][0] < 12 and r["tokens_per_s"] > 0 for r in train.values())
+    gen = {r["contender"] + "/" + r["dtype"]: r for r in report["generation"]}
+    assert {"minigpt/fp32", "minigpt/bf16", "minigpt-nocache/fp32", "hf/fp32"} <= set(gen)
+    assert "vs HF" in result.stdout and "generation" in result.stdout
