@@ -50,28 +50,30 @@ class _LinearCrossEntropy(torch.autograd.Function):
     after which they are freed; `backward` only scales the stored gradients. For GPT-2's
     50,257-token vocabulary this replaces three float32 (tokens, vocab) tensors (logits,
     log-softmax and its gradient: 1.2 GB at 2,048 tokens) with one chunk's worth, for the
-    same matrix multiplies. Under autocast the multiplies run in the autocast dtype and
-    the softmax in float32, as `F.cross_entropy` on autocast logits does.
+    same matrix multiplies. They run in `mm_dtype` (the autocast dtype under autocast), the
+    softmax in float32, as `F.cross_entropy` on autocast logits does.
     """
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
-                chunk_rows: int, need_grad: bool) -> torch.Tensor:
+                chunk_rows: int, mm_dtype: torch.dtype, need_grad: bool) -> torch.Tensor:
         n = targets.numel()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
-        for start in range(0, n, chunk_rows):
-            h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
-            logits = (h @ weight.t()).float()
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            total += (lse.squeeze(1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if need_grad:
-                grad = logits.sub_(lse).exp_()  # softmax, in the logits' memory
-                grad[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad = grad.div_(n).to(h.dtype)
-                grad_hidden[start:start + chunk_rows] = grad @ weight.to(h.dtype)
-                grad_weight += grad.t() @ h.to(grad.dtype)
+        w = weight.to(mm_dtype)  # cast once, not per chunk
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, chunk_rows):
+                h, t = hidden[start:start + chunk_rows].to(mm_dtype), targets[start:start + chunk_rows]
+                logits = (h @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                total += (lse.squeeze(1) - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if need_grad:
+                    grad = logits.sub_(lse).exp_()  # softmax, in the logits' memory
+                    grad[torch.arange(len(t), device=t.device), t] -= 1.0
+                    grad = grad.div_(n).to(mm_dtype)
+                    grad_hidden[start:start + chunk_rows] = grad @ w
+                    grad_weight += grad.t() @ h
         if need_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total / n
@@ -80,7 +82,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
         grad_hidden, grad_weight = ctx.saved_tensors
         return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
-                None, None, None)
+                None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -94,6 +96,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
         raise ValueError(f"expected (tokens, dim) hidden states and (tokens,) targets, got "
                          f"{tuple(hidden.shape)} and {tuple(targets.shape)}")
     chunk_rows = chunk_rows or max(1, 2**24 // weight.shape[0])
+    device = hidden.device.type
+    mm_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     # Inside `forward` autograd is off, so whether gradients are wanted is decided here.
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, need_grad)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, chunk_rows, mm_dtype, need_grad)

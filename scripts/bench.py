@@ -1,6 +1,6 @@
 """minigpt against Hugging Face transformers, side by side, in one run.
 
-    python scripts/bench.py            # the full table (about 10 minutes on 2 CPU cores)
+    python scripts/bench.py            # the full table (about 12-15 minutes on 2 CPU cores)
     python scripts/bench.py --quick    # a smaller, shorter run (under 2 minutes)
     python scripts/bench.py --device cuda --json bench.json
 
@@ -12,8 +12,9 @@ What is compared:
 - Training: forward + backward + AdamW step on random token windows. Both models are GPT-2 with
   qkv biases and a tied output head (equal parameter counts); both use `torch.optim.AdamW(fused=True)`
   (Hugging Face's Trainer default with torch >= 2.8) and the same threads, batch and sequence length.
-  minigpt runs as `python -m minigpt.train` does (its allocator setting included); Hugging Face runs
-  as a user's process would, plus a row with minigpt's allocator setting for reference.
+  minigpt runs as `python -m minigpt.train` does (its allocator setting included, the loss from
+  `model(x, targets=y)` without whole logits); Hugging Face runs as a user's process would (logits,
+  then cross-entropy in float32, as its own loss does), plus a row with minigpt's allocator setting.
   "bf16" means autocast to bfloat16 with float32 weights, for both.
   MFU = model FLOPs per second / measured matmul peak of the dtype, counting 6 x parameters
   (without the position embedding) per token plus attention 12 x layers x context x emb_dim.
@@ -211,18 +212,18 @@ def generate_worker(spec: dict) -> dict:
 
         use_cache = kind == "minigpt"
 
-        def run() -> None:
+        def run(n: int = n) -> None:
             with torch.inference_mode():
                 out = generate(model, idx, n, use_cache=use_cache)
             assert out.shape[1] == 8 + n
     else:
-        def run() -> None:
+        def run(n: int = n) -> None:
             with torch.inference_mode():
                 out = model.generate(idx, attention_mask=torch.ones_like(idx), do_sample=False, max_new_tokens=n,
                                      min_new_tokens=n, pad_token_id=0)
             assert out.shape[1] == 8 + n
 
-    run()  # warm-up
+    run(10)  # warm-up
     times = [timed(run, device) for _ in range(spec["repeats"])]
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     return {"seconds": statistics.median(times), "tokens_per_s": spec["batch"] * n / statistics.median(times),
@@ -281,7 +282,7 @@ def bench_generation(args, device: torch.device, ceil: dict) -> list[dict]:
         if not args.quick:
             contenders.append(("hf", "bf16"))
         for kind, dtype in contenders:
-            repeats = 1 if args.quick or kind == "minigpt-nocache" else 3
+            repeats = 1 if args.quick or kind == "minigpt-nocache" else 2
             spec = {"kind": kind, "dtype": dtype, "batch": batch, "new_tokens": n, "device": str(device),
                     "repeats": repeats}
             r = run_worker(spec, args.threads)

@@ -218,3 +218,16 @@ def test_cli_defaults_are_the_chapter5_setup():
         ("the-verdict", 2, 5e-4, 0.1, 10, 123)
     assert (args.eval_interval, args.eval_iters, args.val_ratio, args.stride) == (5, 5, 0.1, None)
     assert args.sample_prompt == "Every effort moves you"
+
+
+@pytest.mark.slow
+def test_compiled_training_gives_the_plain_losses(corpus, tmp_path):
+    """`--compile` (torch.compile, needs a C++ compiler on the CPU): same losses, to float rounding."""
+    def final_losses(out, *extra):
+        assert main(tiny_args(corpus, out, "--max-steps", "8", *extra)) == 0
+        evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [(e["train_loss"], e["val_loss"]) for e in evals if e["event"] == "eval"]
+
+    plain, compiled = final_losses(tmp_path / "plain"), final_losses(tmp_path / "compiled", "--compile")
+    assert len(plain) == len(compiled) > 1
+    torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-4)
