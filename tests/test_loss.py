@@ -45,18 +45,31 @@ def test_linear_cross_entropy_matches_logits_then_cross_entropy(autocast):
     weight = (0.3 * torch.randn(1000, 64, generator=gen)).requires_grad_()
     targets = torch.randint(0, 1000, (300,), generator=gen)
     grads = []
-    for fn in (lambda: F.cross_entropy(hidden @ weight.t(), targets),
-               lambda: linear_cross_entropy(hidden, weight, targets, chunk_rows=64)):  # 5 chunks, last short
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+    # The reference always in float32: under autocast the chunked loss keeps the head's dtype.
+    for fn, amp in ((lambda: F.cross_entropy(hidden @ weight.t(), targets), False),
+                    (lambda: linear_cross_entropy(hidden, weight, targets, chunk_rows=64), autocast)):  # 5 chunks
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             loss = fn()
+        assert loss.dtype == torch.float32
         (2.5 * loss).backward()  # the upstream gradient scales both
         grads.append((loss.detach(), hidden.grad, weight.grad))
         hidden.grad = weight.grad = None
     (ref, ref_h, ref_w), (got, got_h, got_w) = grads
-    tol = dict(rtol=0, atol=1e-3) if autocast else dict(rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got, ref, **tol)
-    torch.testing.assert_close(got_h, ref_h, **tol)
-    torch.testing.assert_close(got_w, ref_w, **tol)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-6)
+
+
+def test_linear_cross_entropy_in_bfloat16_weights():
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(100, 32, generator=gen).bfloat16().requires_grad_()
+    weight = (0.3 * torch.randn(500, 32, generator=gen)).bfloat16().requires_grad_()
+    targets = torch.randint(0, 500, (100,), generator=gen)
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=30)
+    loss.backward()
+    ref = F.cross_entropy((hidden.float() @ weight.float().t()), targets)
+    assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+    assert abs(loss.item() - ref.item()) < 0.02
 
 
 def test_model_loss_with_targets_equals_calc_loss_batch(tiny_cfg):
