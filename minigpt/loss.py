@@ -73,14 +73,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad = grad.div_(n).to(mm_dtype)
                     grad_hidden[start:start + chunk_rows] = grad @ w
                     grad_weight += grad.t() @ h
-        if need_grad:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        # Kept on ctx rather than saved for backward: backward scales them in place and lets
+        # them go, so the head's gradient exists once, not twice, at the peak.
+        ctx.grads = (grad_hidden, grad_weight.to(weight.dtype)) if need_grad else None
         return total / n
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):  # type: ignore[override]
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_loss.to(grad_hidden.dtype), grad_weight * grad_loss.to(grad_weight.dtype),
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy's gradients were already used: it supports one backward pass")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        return (grad_hidden.mul_(grad_loss.to(grad_hidden.dtype)), grad_weight.mul_(grad_loss.to(grad_weight.dtype)),
                 None, None, None, None)
 
 

@@ -69,6 +69,10 @@ def test_linear_cross_entropy_in_bfloat16_weights():
     loss.backward()
     ref = F.cross_entropy((hidden.float() @ weight.float().t()), targets)
     assert hidden.grad.dtype == weight.grad.dtype == torch.bfloat16
+    again = linear_cross_entropy(hidden, weight, targets)
+    again.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        again.backward()
     assert abs(loss.item() - ref.item()) < 0.02
 
 
