@@ -2,6 +2,7 @@
 default `python -m minigpt.train` ends in the document's range (slow: ~7 minutes each)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,9 @@ DOCUMENT = [(9.558, 9.856), (7.651, 8.051), (6.421, 6.812), (5.913, 6.559), (5.6
 @pytest.mark.slow
 def test_chapter5_losses_match_the_document(tmp_path):
     out = tmp_path / "losses.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "reproduce_chapter5.py"), "--json", str(out)],
-                            capture_output=True, text=True, timeout=3600)
+                            capture_output=True, text=True, timeout=3600, env=env)
     assert result.returncode == 0, result.stderr
     losses = json.loads(out.read_text())
     got = [(round(t, 3), round(v, 3)) for t, v in zip(losses["train_losses"], losses["val_losses"], strict=True)]
