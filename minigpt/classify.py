@@ -34,11 +34,11 @@ from torch.utils.data import TensorDataset
 from .checkpoint import WEIGHTS_FILE, CheckpointError, load_state_into, load_trainer_state, read_config
 from .config import GPTConfig, as_config, get_preset
 from .data import DataError, iter_jsonl_records
-from .device import keep_freed_memory, resolve_device, to_device
+from .device import DTYPES, keep_freed_memory, resolve_device, to_device
 from .model import GPTModel
 from .plot import plot_classification
 from .tokenizer import EOS_ID, EOS_TOKEN, get_tokenizer
-from .train import DTYPES, NonFiniteLoss, Trainer, TrainConfig, list_checkpoints, resolve_resume, stack_examples
+from .train import NonFiniteLoss, Trainer, TrainConfig, list_checkpoints, resolve_resume, stack_examples
 
 # ----------------------------------------------------------------------------------------------
 # Data: labelled texts from a .csv or .jsonl file

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import torch
 
+# The --dtype choices of the commands.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
     """Turn `auto|cpu|cuda|cuda:N|mps` into a `torch.device`, checking it exists.

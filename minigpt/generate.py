@@ -24,6 +24,7 @@ import tiktoken
 import torch
 from torch import nn
 
+from .device import DTYPES, resolve_device
 from .model import GPTModel, KVCache
 from .tokenizer import EOS_ID, EOS_TOKEN
 
@@ -317,9 +318,6 @@ def stream(model: GPTModel, tokenizer: tiktoken.Encoding, prompt: str | Sequence
 # ---------------------------------------------------------------------------------------
 # Command line
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def _positive_int(s: str) -> int:
     value = int(s)
     if value < 1:
@@ -375,7 +373,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(e))
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
 
-    from .device import resolve_device
     from .tokenizer import get_tokenizer
     try:
         device = resolve_device(args.device)

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from . import data as data_lib
 from .checkpoint import CheckpointError, load_model, load_trainer_state, read_config, save_model
 from .config import GPTConfig, get_preset
-from .device import keep_freed_memory, resolve_device, to_device, use_fast_matmul
+from .device import DTYPES, keep_freed_memory, resolve_device, to_device, use_fast_matmul
 from .distributed import (DistInfo, all_reduce_sum, barrier, full_state, gather_objects, init_distributed,
                           load_full_optimizer_state, shutdown, wrap_model)
 from .generate import generate_text_simple
@@ -127,9 +127,6 @@ class TrainConfig:
     report_to: str = "none"
     progress: bool = True
     compile: bool = False
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device,

@@ -54,11 +54,6 @@ QUICK_TRAIN_CONFIGS = {"small": (6, 6, 384, 256, 8)}
 # timing helpers
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn, device: torch.device) -> float:
     """Seconds one call of `fn` takes (CUDA events on a GPU, wall clock on the CPU)."""
     if device.type == "cuda":
@@ -84,6 +79,11 @@ def peak_rss_mb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_cuda_mb(device: torch.device) -> float | None:
+    """Peak memory PyTorch allocated on the GPU (None on other devices)."""
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -191,8 +191,7 @@ def train_worker(spec: dict) -> dict:
     times = [timed(lambda i=i: step(i), device) for i in range(spec["warmup"], spec["warmup"] + spec["steps"])]
     params = sum(p.numel() for p in model.parameters())
     return {"step_s": statistics.median(times), "tokens_per_s": batch * context / statistics.median(times),
-            "params": params, "peak_rss_mb": peak_rss_mb(), "losses": losses,
-            "peak_cuda_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+            "params": params, "peak_rss_mb": peak_rss_mb(), "peak_cuda_mb": peak_cuda_mb(device), "losses": losses}
 
 
 def generate_worker(spec: dict) -> dict:
@@ -228,7 +227,7 @@ def generate_worker(spec: dict) -> dict:
     times = [timed(run, device) for _ in range(spec["repeats"])]
     weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     return {"seconds": statistics.median(times), "tokens_per_s": spec["batch"] * n / statistics.median(times),
-            "weight_bytes": weight_bytes, "peak_rss_mb": peak_rss_mb()}
+            "weight_bytes": weight_bytes, "peak_rss_mb": peak_rss_mb(), "peak_cuda_mb": peak_cuda_mb(device)}
 
 
 def run_worker(spec: dict, threads: int) -> dict:
@@ -325,25 +324,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"matmul {name}: peak {ceil[f'{name}_gflops']:.0f} GFLOP/s ({shapes})")
     print(f"copy bandwidth {ceil['copy_gbps']:.1f} GB/s")
     report: dict = {"ceilings": ceil, "threads": args.threads, "device": str(device)}
+    # Peak memory: the process's RSS on the CPU; what PyTorch allocated on the GPU under CUDA.
+    mem_key, mem_title = ("peak_cuda_mb", "GPU MB") if device.type == "cuda" else ("peak_rss_mb", "RSS MB")
     if args.only in (None, "train"):
         rows = bench_training(args, device, ceil)
         report["training"] = rows
-        print("\ntraining (median step; tokens/s; MFU vs the dtype's matmul peak; peak RSS)")
+        print("\ntraining (median step; tokens/s; MFU vs the dtype's matmul peak; peak memory)")
         print(f"{'config':10} {'dtype':5} {'contender':12} {'tokens/s':>9} {'vs HF':>6} {'MFU':>6} {'step ms':>8} "
-              f"{'RSS MB':>7} {'params':>11}")
+              f"{mem_title:>7} {'params':>11}")
         for r in rows:
             print(f"{r['config']:10} {r['dtype']:5} {r['contender']:12} {r['tokens_per_s']:9.0f} {r['vs_hf']:5.2f}x "
-                  f"{r['mfu']:6.1%} {r['step_s'] * 1000:8.0f} {r['peak_rss_mb']:7.0f} {r['params']:11,}")
+                  f"{r['mfu']:6.1%} {r['step_s'] * 1000:8.0f} {r[mem_key]:7.0f} {r['params']:11,}")
     if args.only in (None, "generate"):
         rows = bench_generation(args, device, ceil)
         report["generation"] = rows
         print("\ngeneration (greedy, 8-token prompt; new tokens/s; floor = weights read once per step at copy "
               "bandwidth)")
         print(f"{'batch':5} {'dtype':5} {'contender':16} {'tokens/s':>9} {'vs HF fp32':>10} {'floor':>7} "
-              f"{'RSS MB':>7}")
+              f"{mem_title:>7}")
         for r in rows:
             print(f"{r['batch']:5} {r['dtype']:5} {r['contender']:16} {r['tokens_per_s']:9.1f} "
-                  f"{r['vs_hf_fp32']:9.2f}x {r['floor_tokens_per_s']:7.0f} {r['peak_rss_mb']:7.0f}")
+                  f"{r['vs_hf_fp32']:9.2f}x {r['floor_tokens_per_s']:7.0f} {r[mem_key]:7.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
