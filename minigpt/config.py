@@ -53,6 +53,8 @@ class GPTConfig:
 
     @property
     def fused_ops(self) -> bool:
+        """Faster kernels for LayerNorm, GELU and the linear layers (the "sdpa" path); the
+        "reference" path keeps the tutorial's arithmetic, bit for bit."""
         return self.attention == "sdpa"
 
     @property

@@ -46,6 +46,16 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
+def cpu_has_bf16_arithmetic() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX).
+
+    Without either, oneDNN emulates bfloat16 matmuls, which then run slower than float32
+    ones (half the rate on a 2-core AVX-512 Xeon without them; 4x faster on an EPYC with).
+    """
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
 

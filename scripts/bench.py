@@ -15,8 +15,9 @@ What is compared:
   minigpt runs as `python -m minigpt.train` does (its allocator setting included, the loss from
   `model(x, targets=y)` without whole logits); Hugging Face runs as a user's process would (logits,
   then cross-entropy in float32, as its own loss does), plus a row with minigpt's allocator setting.
-  "bf16" means autocast to bfloat16 with float32 weights, for both (minigpt keeps its output head and
-  loss in float32 under autocast: see `minigpt.loss.linear_cross_entropy`).
+  "bf16" means autocast to bfloat16 with float32 weights, for both (minigpt's loss keeps its softmax
+  in float32, and its output head too where the CPU only emulates bfloat16: see
+  `minigpt.loss.linear_cross_entropy`).
   MFU = model FLOPs per second / measured matmul peak of the dtype, counting 6 x parameters
   (without the position embedding) per token plus attention 12 x layers x context x emb_dim.
 - Generation: greedy, 100 new tokens after an 8-token prompt, GPT-2 124M shape, batch 1 and 8.

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from minigpt import GPTModel, calc_loss_batch, calc_loss_loader, perplexity
+import minigpt.loss
 from minigpt.loss import linear_cross_entropy
 
 
@@ -38,26 +39,34 @@ def test_perplexity():
     assert perplexity(loss).item() == pytest.approx(10.0)
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_linear_cross_entropy_matches_logits_then_cross_entropy(autocast):
+@pytest.mark.parametrize("autocast, native_bf16", [(False, True), (True, True), (True, False)])
+def test_linear_cross_entropy_matches_logits_then_cross_entropy(autocast, native_bf16, monkeypatch):
+    monkeypatch.setattr(minigpt.loss, "cpu_has_bf16_arithmetic", lambda: native_bf16)
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(300, 64, generator=gen, requires_grad=True)
     weight = (0.3 * torch.randn(1000, 64, generator=gen)).requires_grad_()
     targets = torch.randint(0, 1000, (300,), generator=gen)
+    in_bf16 = autocast and native_bf16  # a CPU that only emulates bfloat16 keeps the head in float32
     grads = []
-    # The reference always in float32: under autocast the chunked loss keeps the head's dtype.
-    for fn, amp in ((lambda: F.cross_entropy(hidden @ weight.t(), targets), False),
-                    (lambda: linear_cross_entropy(hidden, weight, targets, chunk_rows=64), autocast)):  # 5 chunks
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+    # Under autocast both multiply in bfloat16 (as F.linear would) and take the softmax in float32.
+    for fn in (lambda: F.cross_entropy((hidden @ weight.t()).float(), targets),
+               lambda: linear_cross_entropy(hidden, weight, targets, chunk_rows=64)):  # 5 chunks
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=in_bf16):
             loss = fn()
         assert loss.dtype == torch.float32
         (2.5 * loss).backward()  # the upstream gradient scales both
         grads.append((loss.detach(), hidden.grad, weight.grad))
         hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # emulated: float32, as without
+        got_again = linear_cross_entropy(hidden, weight, targets, chunk_rows=64)
     (ref, ref_h, ref_w), (got, got_h, got_w) = grads
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got_h, ref_h, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-6)
+    tol = {"rtol": 1e-2, "atol": 5e-4} if in_bf16 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(got, ref, **tol)
+    torch.testing.assert_close(got_h, ref_h, **tol)
+    torch.testing.assert_close(got_w, ref_w, **tol)
+    torch.testing.assert_close(got_again.detach(), got, rtol=0, atol=0)
+    float32 = F.cross_entropy(hidden @ weight.t(), targets).item()
+    assert (got.item() == pytest.approx(float32, rel=1e-6)) != in_bf16  # bfloat16 really was used
 
 
 def test_linear_cross_entropy_in_bfloat16_weights():

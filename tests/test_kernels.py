@@ -1,0 +1,80 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minigpt import kernels
+from minigpt.model import Linear
+
+needs_onednn = pytest.mark.skipif(not kernels.onednn_float32(torch.zeros(1)), reason="no oneDNN in this torch")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_f_linear_forward_and_backward(bias):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 48, generator=gen).requires_grad_()
+    w = torch.randn(80, 48, generator=gen).requires_grad_()
+    b = torch.randn(80, generator=gen).requires_grad_() if bias else None
+    upstream = torch.randn(3, 5, 80, generator=gen)
+    results = []
+    for fn in (F.linear, kernels.linear):
+        out = fn(x, w, b)
+        out.backward(upstream)
+        results.append([out.detach()] + [t.grad for t in (x, w, b) if t is not None])
+        for t in (x, w, b):
+            if t is not None:
+                t.grad = None
+    for ref, got in zip(*results, strict=True):
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.linear(x, w, b), results[0][0], rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_linear_gradients_only_where_asked():
+    x, w = torch.randn(4, 8), torch.randn(6, 8, requires_grad=True)
+    kernels.linear(x, w).sum().backward()
+    assert x.grad is None and w.grad.shape == (6, 8)
+    torch.testing.assert_close(w.grad, torch.ones(4, 6).t() @ x)
+
+
+def test_mm_nt_takes_transposed_operands():
+    a, b = torch.randn(30, 20), torch.randn(20, 50)
+    torch.testing.assert_close(kernels.mm_nt(a, b.t()), a @ b, rtol=1e-5, atol=1e-5)  # b.t(): not contiguous
+    torch.testing.assert_close(kernels.mm_nt(b.t(), a), b.t() @ a.t(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"\(30, 20\) @ \(20, 50\)\.T"):
+        kernels.mm_nt(a, b)
+    a16, b16 = a.bfloat16(), b.t().bfloat16()
+    assert torch.equal(kernels.mm_nt(a16, b16), a16 @ b16.t())  # bfloat16: torch's own product
+
+
+def test_oneDNN_only_for_float32_on_the_cpu_outside_autocast(monkeypatch):
+    x, w = torch.randn(2, 8), torch.randn(4, 8)
+    assert not kernels.onednn_float32(x.bfloat16(), w.bfloat16())
+    assert not kernels.onednn_float32(x.double(), w.double())
+    calls = []
+    monkeypatch.setattr(kernels._Linear, "apply", lambda *args: calls.append(args) or F.linear(*args))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert kernels.linear(x, w).dtype == torch.bfloat16  # autocast applies as to F.linear
+    kernels.linear(x.bfloat16(), w.bfloat16())
+    assert calls == []
+    kernels.linear(x, w)
+    assert len(calls) == int(kernels.onednn_float32(x, w))
+
+
+def test_linear_module_is_an_nn_linear_with_the_same_state_and_draws():
+    torch.manual_seed(3)
+    ref = nn.Linear(16, 8)
+    torch.manual_seed(3)
+    ours = Linear(16, 8, fused=True)
+    assert isinstance(ours, nn.Linear)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    for key, value in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value)
+    x = torch.randn(5, 16)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+    unfused = Linear(16, 8, fused=False)
+    unfused.load_state_dict(ref.state_dict())
+    assert torch.equal(unfused(x), ref(x))  # bit for bit: nn.Linear's own product
