@@ -1,14 +1,18 @@
 """Float32 matrix products on the CPU through oneDNN.
 
-PyTorch multiplies float32 matrices on the CPU with MKL, which takes a generic code path on
-AMD processors: on a 2-core EPYC with AVX-512 it reaches ~210 GFLOP/s where oneDNN, which
-PyTorch also ships, reaches ~450 on GPT-2's shapes (and ~2.5x MKL's rate for one-row
-products while decoding). On Intel CPUs the two are about even. bfloat16 products already go
-through oneDNN, and other devices keep their own kernels: there `mm_nt` and `linear` are
-plain `a @ b.T` and `F.linear`.
+PyTorch multiplies float32 matrices on the CPU with MKL, which on AMD processors runs its
+AVX2 code even where the CPU has AVX-512: on a 2-core AVX-512 EPYC it reaches ~210 GFLOP/s
+where oneDNN, which PyTorch also ships, reaches ~450 on GPT-2's shapes (and ~2.5x MKL's rate
+for one-row products while decoding). On AVX2-only CPUs the two are closer: oneDNN is ~1.3x
+faster on row-major operands, but it copies a transposed operand first, so there a product
+with one (the backward pass's) runs faster in MKL, which reads it in place. On Intel CPUs
+the two are about even. bfloat16 products already go through oneDNN, and other devices keep
+their own kernels: there `mm_nt` and `linear` are plain `a @ b.T` and `F.linear`.
 """
 
 from __future__ import annotations
+
+from functools import cache
 
 import torch
 import torch.nn.functional as F
@@ -23,13 +27,26 @@ def onednn_float32(*tensors: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+@cache
+def _avx512() -> bool:
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
 def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b.T` for 2-D `a` (m, k) and `b` (n, k), of any strides."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"cannot multiply {tuple(a.shape)} @ {tuple(b.shape)}.T")
-    if onednn_float32(a, b):
+    if onednn_float32(a, b) and (_avx512() or (a.is_contiguous() and b.is_contiguous())):
         return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
     return a @ b.t()
+
+
+def add_mm_nt_(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`out += a @ b.T` in place, for a float32 `out` (accumulating products of any dtype)."""
+    if a.dtype == out.dtype and not (onednn_float32(a, b) and _avx512()):
+        return out.addmm_(a, b.t())  # MKL accumulates into `out`: no product-sized temporary
+    # float32 += bfloat16 in place is ~10x slower than converting first
+    return out.add_(mm_nt(a, b).to(out.dtype))
 
 
 class _Linear(torch.autograd.Function):

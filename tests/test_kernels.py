@@ -78,3 +78,19 @@ def test_linear_module_is_an_nn_linear_with_the_same_state_and_draws():
     unfused = Linear(16, 8, fused=False)
     unfused.load_state_dict(ref.state_dict())
     assert torch.equal(unfused(x), ref(x))  # bit for bit: nn.Linear's own product
+
+
+@pytest.mark.parametrize("avx512", [True, False])  # oneDNN for any layout, or only for row-major operands
+def test_products_agree_whichever_kernel_takes_them(monkeypatch, avx512):
+    monkeypatch.setattr(kernels, "_avx512", lambda: avx512)
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randn(40, 24, generator=gen), torch.randn(24, 70, generator=gen)
+    torch.testing.assert_close(kernels.mm_nt(a, b.t()), a @ b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.mm_nt(b.t(), a), b.t() @ a.t(), rtol=1e-5, atol=1e-5)
+    out = torch.ones(70, 40)
+    assert kernels.add_mm_nt_(out, b.t(), a) is out  # in place
+    torch.testing.assert_close(out, 1 + b.t() @ a.t(), rtol=1e-5, atol=1e-5)
+    out16 = torch.ones(70, 40)  # bfloat16 products accumulate into float32
+    kernels.add_mm_nt_(out16, b.t().bfloat16(), a.bfloat16())
+    assert out16.dtype == torch.float32
+    torch.testing.assert_close(out16, 1 + (b.t().bfloat16() @ a.t().bfloat16()).float(), rtol=0, atol=0)

@@ -128,6 +128,23 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
     assert all(torch.isfinite(p).all() for p in load_model(ckpt).parameters())
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_training_runs_and_warns_where_the_cpu_emulates_bf16(corpus, tmp_path, monkeypatch, native):
+    import warnings
+
+    import minigpt.train as train_mod
+
+    monkeypatch.setattr(train_mod, "cpu_has_bf16_arithmetic", lambda: native)
+    out = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(tiny_args(corpus, out, "--max-steps", "4", "--dtype", "bfloat16", "--lr", "1e-2")) == 0
+    emulated = [w for w in caught if "no bfloat16 arithmetic" in str(w.message)]
+    assert len(emulated) == (0 if native else 1)
+    losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if m["event"] == "step"]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
 def test_sigint_saves_a_loadable_checkpoint_and_exits(corpus, tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
