@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .device import DTYPES, resolve_device
+from .kernels import onednn_linear
 from .model import GPTModel, KVCache
 from .tokenizer import EOS_ID, EOS_TOKEN
 
@@ -191,7 +192,7 @@ def pack_linears(model: nn.Module, batch_size: int) -> PackedLinears:
 def _packed(packed: PackedLinears) -> Iterator[None]:
     """Route each packed Linear through oneDNN for the duration (no autograd: inference only)."""
     def packed_forward(m: nn.Linear, w: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        return lambda x: torch.ops.mkldnn._linear_pointwise(x, w, m.bias, "none", [], "")
+        return lambda x: onednn_linear(x, w, m.bias)
 
     for m, w in packed.items():
         m.forward = packed_forward(m, w)  # an instance attribute shadows nn.Linear.forward

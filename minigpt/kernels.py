@@ -18,13 +18,9 @@ import torch
 import torch.nn.functional as F
 
 
-def onednn_float32(*tensors: torch.Tensor) -> bool:
-    """Whether products of these tensors go through oneDNN: float32 on the CPU, oneDNN built in,
-    and not inside `torch.compile` (which picks its own kernels)."""
-    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-            and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and not torch.compiler.is_compiling())
+@cache
+def _onednn_built_in() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 @cache
@@ -32,12 +28,25 @@ def _avx512() -> bool:
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
 
 
+def onednn_float32(*tensors: torch.Tensor) -> bool:
+    """Whether products of these tensors go through oneDNN: float32 on the CPU, oneDNN built in,
+    and not inside `torch.compile` (which picks its own kernels)."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and _onednn_built_in() and not torch.compiler.is_compiling())
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T + bias` in oneDNN, no checks and no autograd; `weight` may also be one
+    reordered by `torch.ops.mkldnn._reorder_linear_weight` (see `minigpt.generate.pack_linears`)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """`a @ b.T` for 2-D `a` (m, k) and `b` (n, k), of any strides."""
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"cannot multiply {tuple(a.shape)} @ {tuple(b.shape)}.T")
     if onednn_float32(a, b) and (_avx512() or (a.is_contiguous() and b.is_contiguous())):
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+        return onednn_linear(a, b)
     return a @ b.t()
 
 
@@ -56,7 +65,7 @@ class _Linear(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor,  # type: ignore[override]
                 bias: torch.Tensor | None) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        out = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+        out = onednn_linear(rows, weight, bias)
         ctx.save_for_backward(rows, weight)
         ctx.has_bias = bias is not None
         return out.view(*x.shape[:-1], weight.shape[0])

@@ -269,10 +269,15 @@ def train_flops_per_token(params_no_pos: int, n_layers: int, emb_dim: int, conte
     return 6 * params_no_pos + 12 * n_layers * emb_dim * context
 
 
+def run_emulated_rows(args, ceil: dict) -> bool:
+    """Whether to run the bf16 rows that crawl where the CPU only emulates bfloat16."""
+    return args.emulated_bf16 or not ceil["bf16_emulated"]
+
+
 def bench_training(args, device: torch.device, ceil: dict) -> list[dict]:
     rows = []
     configs = QUICK_TRAIN_CONFIGS if args.quick else TRAIN_CONFIGS
-    dtypes = ("fp32", "bf16") if args.emulated_bf16 or not ceil["bf16_emulated"] else ("fp32",)
+    dtypes = ("fp32", "bf16") if run_emulated_rows(args, ceil) else ("fp32",)
     for name, shape in configs.items():
         n_layers, _, emb_dim, context, batch = shape
         for dtype in dtypes:
@@ -301,7 +306,7 @@ def bench_generation(args, device: torch.device, ceil: dict) -> list[dict]:
     for batch in ((1,) if args.quick else (1, 8)):
         results = {}
         contenders = [("minigpt", "fp32"), ("minigpt", "bf16"), ("minigpt-nocache", "fp32"), ("hf", "fp32")]
-        if not args.quick and (args.emulated_bf16 or not ceil["bf16_emulated"]):
+        if not args.quick and run_emulated_rows(args, ceil):
             contenders.append(("hf", "bf16"))
         for kind, dtype in contenders:
             repeats = 1 if args.quick or kind == "minigpt-nocache" else 2
