@@ -19,7 +19,8 @@ from .weights import DownloadError, download_and_load_gpt2, from_pretrained, loa
 # first use: importing them here would load each command's module twice when it runs as __main__.
 _FROM_COMMANDS = {
     "train": ("train_model_simple", "evaluate_model", "generate_and_print_sample", "Trainer", "TrainConfig"),
-    "generate": ("generate_text_simple", "generate", "generate_tokens", "stream"),
+    "generate": ("generate_text_simple", "generate", "generate_tokens", "stream", "softmax_with_temperature",
+                 "generate_next_greedy_token", "generate_greedy_text"),
     "classify": ("GPTClassifier", "load_classifier"),
     "inspect": ("nearest_neighbors", "hidden_states", "attention_maps"),
 }

@@ -44,8 +44,46 @@ def generate_text_simple(model: nn.Module, idx: torch.Tensor, max_new_tokens: in
     return idx
 
 
+def generate_next_greedy_token(input_sentence: str, tokenizer: tiktoken.Encoding, model: GPTModel,
+                               device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The most likely token to follow `input_sentence`, and its probability: `(prob, token_id)`,
+    two 0-d tensors. The Hugging Face course's walk-through of greedy decoding, with minigpt's
+    model and tokenizer. The text is encoded whole (an empty one as `<|endoftext|>`), cropped to
+    the model's context, and sent to `device` (default: the model's).
+    """
+    ids = tokenizer.encode(input_sentence, allowed_special={EOS_TOKEN}) or [EOS_ID]
+    device = model.tok_emb.weight.device if device is None else device
+    idx = torch.tensor([ids[-model.cfg.context_length:]], device=device)
+    with torch.no_grad():
+        logits = model(idx)[0, -1]
+    next_token_prob, next_token_id = torch.max(torch.softmax(logits.float(), dim=-1), dim=-1)
+    return next_token_prob, next_token_id
+
+
+def generate_greedy_text(input_sentence: str, tokenizer: tiktoken.Encoding, model: GPTModel,
+                         device: torch.device | str | None = None, max_length: int = 20) -> str:
+    """`input_sentence` followed by `max_length` greedy tokens, as in the Hugging Face course: the
+    text grows by each token's decoded string and is encoded afresh at every step, so the model
+    sees the text's own tokenization (and a character split over two tokens becomes U+FFFD).
+    `generate` is the fast way to the same tokens.
+    """
+    generated_text = input_sentence
+    for _ in range(max_length):
+        _, next_token_id = generate_next_greedy_token(generated_text, tokenizer, model, device)
+        generated_text += tokenizer.decode([int(next_token_id)])
+    return generated_text
+
+
 # ---------------------------------------------------------------------------------------
 # Sampling
+
+
+def softmax_with_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The tutorial's probabilities at a temperature: softmax of `logits / temperature` over the
+    last dimension. Below 1 sharpens the distribution, above 1 flattens it."""
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    return torch.softmax(logits / temperature, dim=-1)
 
 
 def check_generation_args(max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,

@@ -85,9 +85,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad = padded[:, :vocab].copy_(grad)
                     grad_hidden[start:start + chunk_rows] = mm_nt(grad, w.t())
                     add_mm_nt_(grad_weight, padded.t(), h.t())
+        if need_grad:
+            # Drop the padding rows in place rather than return a view of them: autograd adds a
+            # tied embedding's gradient into a plain tensor in place, but to a view only by
+            # allocating a third (vocab, dim) tensor for the sum (154 MB more at the peak on
+            # GPT-2 124M, and 2.5-9x the time of the in-place add).
+            grad_weight = grad_weight.resize_(vocab, weight.shape[1]).to(weight.dtype)
         # Kept on ctx rather than saved for backward: backward scales them in place and lets
         # them go, so the head's gradient exists once, not twice, at the peak.
-        ctx.grads = (grad_hidden, grad_weight[:vocab].to(weight.dtype)) if need_grad else None
+        ctx.grads = (grad_hidden, grad_weight) if need_grad else None
         ctx.n = n
         return total / n
 

@@ -269,6 +269,16 @@ def train_flops_per_token(params_no_pos: int, n_layers: int, emb_dim: int, conte
     return 6 * params_no_pos + 12 * n_layers * emb_dim * context
 
 
+def median_runs(specs: dict, args, key: str) -> dict:
+    """Run each contender's worker `args.repeats` times, in rounds (every contender once per round,
+    so a slow spell of a shared machine hits them all alike); keep each one's median run by `key`."""
+    runs: dict = {label: [] for label in specs}
+    for _ in range(args.repeats):
+        for label, spec in specs.items():
+            runs[label].append(run_worker(spec, args.threads))
+    return {label: sorted(rs, key=lambda r: r[key])[len(rs) // 2] for label, rs in runs.items()}
+
+
 def run_emulated_rows(args, ceil: dict) -> bool:
     """Whether to run the bf16 rows that crawl where the CPU only emulates bfloat16."""
     return args.emulated_bf16 or not ceil["bf16_emulated"]
@@ -283,16 +293,14 @@ def bench_training(args, device: torch.device, ceil: dict) -> list[dict]:
         for dtype in dtypes:
             peak = ceil["fp32_gflops"] if dtype == "fp32" else ceil["bf16_gflops"]
             contenders = [("minigpt", True), ("hf", False)] + ([] if args.quick else [("hf", True)])
-            results = {}
-            for kind, allocator in contenders:
-                spec = {"kind": kind, "shape": shape, "dtype": dtype, "device": str(device), "allocator": allocator,
-                        "warmup": 2, "steps": 3 if args.quick else 5}
-                runs = [run_worker(spec, args.threads) for _ in range(args.repeats)]
-                r = sorted(runs, key=lambda r: r["step_s"])[len(runs) // 2]
-                label = kind + (" +alloc" if kind == "hf" and allocator else "")
+            specs = {kind + (" +alloc" if kind == "hf" and allocator else ""):
+                     {"kind": kind, "shape": shape, "dtype": dtype, "device": str(device), "allocator": allocator,
+                      "warmup": 2, "steps": 3 if args.quick else 5}
+                     for kind, allocator in contenders}
+            results = median_runs(specs, args, "step_s")
+            for label, r in results.items():
                 flops = train_flops_per_token(r["params"] - context * emb_dim, n_layers, emb_dim, context)
                 r.update(config=name, dtype=dtype, contender=label, mfu=flops * r["tokens_per_s"] / (peak * 1e9))
-                results[label] = r
                 rows.append(r)
             base = results["hf"]["tokens_per_s"]
             for r in results.values():
@@ -304,21 +312,18 @@ def bench_generation(args, device: torch.device, ceil: dict) -> list[dict]:
     rows = []
     n = 20 if args.quick else 100
     for batch in ((1,) if args.quick else (1, 8)):
-        results = {}
         contenders = [("minigpt", "fp32"), ("minigpt", "bf16"), ("minigpt-nocache", "fp32"), ("hf", "fp32")]
         if not args.quick and run_emulated_rows(args, ceil):
             contenders.append(("hf", "bf16"))
-        for kind, dtype in contenders:
-            repeats = 1 if args.quick or kind == "minigpt-nocache" else 2
-            spec = {"kind": kind, "dtype": dtype, "batch": batch, "new_tokens": n, "device": str(device),
-                    "repeats": repeats}
-            r = run_worker(spec, args.threads)
+        specs = {(kind, dtype): {"kind": kind, "dtype": dtype, "batch": batch, "new_tokens": n, "device": str(device),
+                                 "repeats": 1 if args.quick or kind == "minigpt-nocache" else 2}
+                 for kind, dtype in contenders}
+        results = median_runs(specs, args, "seconds")
+        for (kind, dtype), r in results.items():
             r.update(batch=batch, dtype=dtype, contender=kind,
-                     floor_tokens_per_s=batch * ceil["copy_gbps"] * 1e9 / r["weight_bytes"])
-            results[(kind, dtype)] = r
+                     floor_tokens_per_s=batch * ceil["copy_gbps"] * 1e9 / r["weight_bytes"],
+                     vs_hf_fp32=r["tokens_per_s"] / results[("hf", "fp32")]["tokens_per_s"])
             rows.append(r)
-        for r in results.values():
-            r["vs_hf_fp32"] = r["tokens_per_s"] / results[("hf", "fp32")]["tokens_per_s"]
     return rows
 
 
@@ -328,8 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads per contender")
     parser.add_argument("--repeats", type=int, default=1,
-                        help="processes per training row; the row shows the median one (rows vary 15-45%% "
-                             "from run to run on a shared CPU)")
+                        help="processes per row, run in interleaved rounds; each row shows its median one "
+                             "(one run of a row varies 15-45%% on a shared CPU)")
     parser.add_argument("--only", choices=("train", "generate"), default=None, help="run one half")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--emulated-bf16", action="store_true",

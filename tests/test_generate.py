@@ -15,10 +15,13 @@ from minigpt.generate import (
     decode_pieces,
     filter_logits,
     generate,
+    generate_greedy_text,
+    generate_next_greedy_token,
     generate_text_simple,
     generate_tokens,
     main,
     sample_next_token,
+    softmax_with_temperature,
     stream,
 )
 from tests.hf_utils import copy_hf_into_minigpt, random_hf_gpt2
@@ -263,6 +266,18 @@ def test_top_k_keeps_ties_with_the_kth_value():
 def test_temperature_scales_logits():
     out = probs_after([[0.0, math.log(2.0)]], temperature=0.5)  # logits become [0, 2 ln 2]
     torch.testing.assert_close(out, torch.tensor([[0.2, 0.8]]))
+
+
+def test_softmax_with_temperature_as_in_the_tutorial():
+    logits = torch.tensor([0.0, math.log(2.0)])
+    torch.testing.assert_close(softmax_with_temperature(logits, 1.0), torch.tensor([1 / 3, 2 / 3]))
+    torch.testing.assert_close(softmax_with_temperature(logits, 0.5), torch.tensor([0.2, 0.8]))  # sharper
+    flat = softmax_with_temperature(logits, 5.0)
+    assert 0.5 < flat[1] < 2 / 3
+    batch = softmax_with_temperature(torch.tensor([[0.0, math.log(2.0)], [0.0, 0.0]]), 0.5)  # per row
+    torch.testing.assert_close(batch, torch.tensor([[0.2, 0.8], [0.5, 0.5]]))
+    with pytest.raises(ValueError, match="temperature must be > 0, got 0"):
+        softmax_with_temperature(logits, 0)
 
 
 @pytest.mark.parametrize("top_p, expected", [
@@ -541,3 +556,46 @@ def test_python_dash_m_entry_point(checkpoint):
     proc = subprocess.run(cmd + ["--top-k", "0"], capture_output=True, text=True, timeout=120, cwd=root)
     assert proc.returncode == 2
     one_error_line(proc.stderr, "top_k")
+
+
+# --- the Hugging Face course's greedy helpers ----------------------------------------------
+
+
+def constant_model(token_id: int, strength: float) -> GPTModel:
+    """A GPT-2-vocabulary model that, whatever the text, gives `token_id` the logit
+    `strength` and every other token 0: the final norm's output is a constant vector."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(context_length=16, emb_dim=8, n_heads=2, n_layers=1, drop_rate=0.0, tie_weights=False)
+    model = GPTModel(cfg).eval()
+    with torch.no_grad():
+        model.final_norm.scale.zero_()
+        model.final_norm.shift.fill_(1.0)
+        model.out_head.weight.zero_()
+        model.out_head.weight[token_id] = strength / cfg.emb_dim
+    return model
+
+
+def test_generate_greedy_text_appends_decoded_greedy_tokens(tokenizer):
+    exclamation = tokenizer.encode("!")[0]
+    model = constant_model(exclamation, strength=12.0)
+    prob, token_id = generate_next_greedy_token("Hello, I'm a language model,", tokenizer, model, "cpu")
+    assert token_id.item() == exclamation
+    # rel 1e-3: torch's float32 CPU softmax uses a fast exp (off by 2.6e-4 here on AVX2)
+    assert prob.item() == pytest.approx(math.exp(12) / (math.exp(12) + model.cfg.vocab_size - 1), rel=1e-3)
+    # Re-encoded at every step: the text outgrows the 16-token context and is cropped.
+    text = generate_greedy_text("Hello, I'm a language model,", tokenizer, model, max_length=30)
+    assert text == "Hello, I'm a language model," + "!" * 30
+
+
+def test_generate_next_greedy_token_is_generates_first_token(tokenizer):
+    torch.manual_seed(1)
+    model = GPTModel(GPTConfig(context_length=16, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0)).eval()
+    text = "Every effort moves you"
+    prob, token_id = generate_next_greedy_token(text, tokenizer, model)
+    ids = torch.tensor([tokenizer.encode(text)])
+    assert token_id.item() == generate(model, ids, 1)[0, -1].item()
+    with torch.no_grad():
+        assert prob.item() == pytest.approx(torch.softmax(model(ids)[0, -1], -1).max().item())
+    # An empty text starts from <|endoftext|>, as GPT-2 does.
+    assert generate_next_greedy_token("", tokenizer, model) == generate_next_greedy_token("<|endoftext|>",
+                                                                                          tokenizer, model)

@@ -85,9 +85,19 @@ def test_linear_cross_entropy_in_bfloat16_weights():
     assert abs(loss.item() - ref.item()) < 0.02
 
 
-def test_model_loss_with_targets_equals_calc_loss_batch(tiny_cfg):
+def test_head_gradient_is_a_tensor_of_its_own():
+    # Not a view of the padded buffer it was summed in: autograd can then add a tied
+    # embedding's gradient into it in place, and the padding rows are not kept alive.
+    weight = torch.randn(1000, 16, requires_grad=True)  # 1000 pads to 1024 rows
+    loss = linear_cross_entropy(torch.randn(40, 16), weight, torch.randint(0, 1000, (40,)))
+    (grad,) = torch.autograd.grad(loss, weight)
+    assert grad.shape == (1000, 16) and grad._base is None and grad.is_contiguous()
+
+
+@pytest.mark.parametrize("tie_weights", [False, True])
+def test_model_loss_with_targets_equals_calc_loss_batch(tiny_cfg, tie_weights):
     torch.manual_seed(0)
-    model = GPTModel(tiny_cfg.replace(drop_rate=0.0))
+    model = GPTModel(tiny_cfg.replace(drop_rate=0.0, tie_weights=tie_weights))
     x, y = torch.randint(0, tiny_cfg.vocab_size, (2, 2, 16)).unbind(0)
     expected = calc_loss_batch(x, y, model, "cpu")
     expected.backward()

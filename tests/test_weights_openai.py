@@ -22,7 +22,7 @@ from transformers import GPT2LMHeadModel
 from minigpt import GPTModel
 from minigpt.checkpoint import CheckpointError
 from minigpt.convert import main as convert_main
-from minigpt.weights import download_and_load_gpt2, from_pretrained, load_openai, load_weights_into_gpt
+from minigpt.weights import assign, download_and_load_gpt2, from_pretrained, load_openai, load_weights_into_gpt
 
 DATA = "model.ckpt.data-00000-of-00001"
 
@@ -139,6 +139,18 @@ def test_download_and_load_gpt2_with_files_present(openai_dir, hf_model, tmp_pat
     assert max_diff(gpt, hf_model) < ATOL
     # Names map to the OpenAI sizes and use the same directory.
     assert max_diff(from_pretrained("gpt2", models_dir=tmp_path), hf_model) < ATOL
+
+
+def test_assign_is_the_tutorials_shape_checked_new_parameter():
+    left = torch.nn.Parameter(torch.zeros(2, 3, dtype=torch.float64))
+    right = np.arange(6, dtype=np.float32).reshape(2, 3)
+    new = assign(left, right)
+    assert isinstance(new, torch.nn.Parameter) and new.requires_grad and new.dtype == torch.float64
+    np.testing.assert_array_equal(new.detach().numpy(), right)
+    right[0, 0] = 100.0  # a copy: the model's parameter does not follow the numpy array
+    assert new[0, 0].item() == 0.0
+    with pytest.raises(ValueError, match=r"shape mismatch: left \(2, 3\), right \(3, 2\)"):
+        assign(left, right.T)
 
 
 def test_truncated_data_file(openai_copy):

@@ -177,6 +177,19 @@ def nest_params(tensors: Iterable[tuple[str, Any]], n_layer: int) -> dict[str, A
     return params
 
 
+def assign(left: torch.Tensor, right: Any) -> nn.Parameter:
+    """The tutorial's helper: `right` (an array or tensor) as a new Parameter shaped, typed and
+    placed like `left`, which it is meant to replace; ValueError if the shapes differ.
+
+    `load_weights_into_gpt` does not use it: it copies into the existing parameters, so a tied
+    output head stays tied.
+    """
+    right = torch.as_tensor(right)
+    if tuple(left.shape) != tuple(right.shape):
+        raise ValueError(f"shape mismatch: left {tuple(left.shape)}, right {tuple(right.shape)}")
+    return nn.Parameter(right.to(device=left.device, dtype=left.dtype, copy=True))
+
+
 def load_weights_into_gpt(gpt: nn.Module, params: dict[str, Any]) -> None:
     """Copy the tutorial's `params` (from `download_and_load_gpt2`) into `gpt`.
 
