@@ -8,7 +8,7 @@ ifneq ($(wildcard $(SHARED)/tiktoken-cache),)
 export TIKTOKEN_CACHE_DIR ?= $(SHARED)/tiktoken-cache
 endif
 
-.PHONY: install train test test-slow lint
+.PHONY: install train test test-slow test-repro lint
 
 # Torch first, pinned: on this CPU-only machine kind that is the CPU build already on disk,
 # where a bare `torch` requirement would pull a multi-GB CUDA build.
@@ -24,6 +24,9 @@ test: install
 
 test-slow: install
 	$(PYTHON) -m pytest -q -m slow $(ARGS)
+
+test-repro: install
+	$(PYTHON) -m pytest -q -m repro $(ARGS)
 
 lint:
 	$(PYTHON) -m ruff check minigpt tests scripts

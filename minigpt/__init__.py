@@ -13,14 +13,14 @@ from .loss import calc_loss_batch, calc_loss_loader, perplexity
 from .model import GELU, FeedForward, GPTModel, KVCache, LayerNorm, MultiHeadAttention, TransformerBlock
 from .plot import plot_attention, plot_attention_grid, plot_losses
 from .tokenizer import EOS_ID, get_tokenizer, text_to_token_ids, token_ids_to_text
-from .weights import DownloadError, download_and_load_gpt2, from_pretrained, load_weights_into_gpt, save_hf
+from .weights import DownloadError, assign, download_and_load_gpt2, from_pretrained, load_weights_into_gpt, save_hf
 
 # Names from the modules that are also commands (`python -m minigpt.train`, ...) are imported on
 # first use: importing them here would load each command's module twice when it runs as __main__.
 _FROM_COMMANDS = {
     "train": ("train_model_simple", "evaluate_model", "generate_and_print_sample", "Trainer", "TrainConfig"),
     "generate": ("generate_text_simple", "generate", "generate_tokens", "stream", "softmax_with_temperature",
-                 "generate_next_greedy_token", "generate_greedy_text"),
+                 "print_sampled_tokens", "generate_next_greedy_token", "generate_greedy_text"),
     "classify": ("GPTClassifier", "load_classifier"),
     "inspect": ("nearest_neighbors", "hidden_states", "attention_maps"),
 }
@@ -47,7 +47,7 @@ __all__ = [
     "calc_loss_batch", "calc_loss_loader", "perplexity", "plot_losses",
     # weights and checkpoints
     "save_model", "load_model", "CheckpointError", "from_pretrained", "download_and_load_gpt2",
-    "load_weights_into_gpt", "save_hf", "DownloadError",
+    "load_weights_into_gpt", "assign", "save_hf", "DownloadError",
     # inspection
     "plot_attention", "plot_attention_grid",
     *_LAZY,

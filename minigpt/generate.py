@@ -16,7 +16,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -84,6 +84,21 @@ def softmax_with_temperature(logits: torch.Tensor, temperature: float) -> torch.
     if not temperature > 0.0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
     return torch.softmax(logits / temperature, dim=-1)
+
+
+def print_sampled_tokens(probas: torch.Tensor, inverse_vocab: Mapping[int, str] | None = None,
+                         num_samples: int = 1_000, seed: int = 123) -> torch.Tensor:
+    """The tutorial's demonstration of sampling: draw `num_samples` token ids from the 1-D
+    distribution `probas`, one at a time from a generator seeded with `seed`, and print how often
+    each id came up as `"{count} x {word}"` (`inverse_vocab` maps ids to words; ids are printed
+    without it). As in the tutorial, the lines stop at the largest id drawn. Returns the counts.
+    """
+    generator = torch.Generator(device=probas.device).manual_seed(seed)
+    sample = [torch.multinomial(probas, num_samples=1, generator=generator).item() for _ in range(num_samples)]
+    counts = torch.bincount(torch.tensor(sample))
+    for i, freq in enumerate(counts.tolist()):
+        print(f"{freq} x {inverse_vocab[i] if inverse_vocab is not None else i}")
+    return counts
 
 
 def check_generation_args(max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,

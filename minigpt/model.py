@@ -73,8 +73,9 @@ class GELU(nn.Module):
 class FeedForward(nn.Module):
     """Position-wise MLP: expand 4x, GELU, project back."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig | dict[str, Any]) -> None:
         super().__init__()
+        cfg = as_config(cfg)
         # The trailing Dropout is the tutorial's; together with the block's residual
         # dropout it is what makes the tutorial's training numbers reproduce exactly.
         self.layers = nn.Sequential(
@@ -141,11 +142,18 @@ def left_pad_mask(left_pad: torch.Tensor, n_queries: int, n_keys: int) -> torch.
 
 
 class MultiHeadAttention(nn.Module):
-    """Causal multi-head self-attention."""
+    """Causal multi-head self-attention.
 
-    def __init__(self, d_in: int, d_out: int, context_length: int, dropout: float,
-                 num_heads: int, qkv_bias: bool = False, attention: str = "sdpa") -> None:
+    `block_size` is another name for `context_length`, the one the chapter-4 walk-through uses.
+    """
+
+    def __init__(self, d_in: int, d_out: int, context_length: int | None = None, dropout: float = 0.0,
+                 num_heads: int = 1, qkv_bias: bool = False, attention: str = "sdpa", *,
+                 block_size: int | None = None) -> None:
         super().__init__()
+        if (context_length is None) == (block_size is None):
+            raise TypeError("MultiHeadAttention takes context_length or block_size (the same thing), exactly one")
+        context_length = block_size if context_length is None else context_length
         if d_out % num_heads:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
         self.d_out = d_out
@@ -218,8 +226,9 @@ class MultiHeadAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-LayerNorm block: x + attn(norm1(x)), then x + ff(norm2(x))."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig | dict[str, Any]) -> None:
         super().__init__()
+        cfg = as_config(cfg)
         self.att = MultiHeadAttention(
             d_in=cfg.emb_dim, d_out=cfg.emb_dim, context_length=cfg.context_length,
             dropout=cfg.drop_rate, num_heads=cfg.n_heads, qkv_bias=cfg.qkv_bias,

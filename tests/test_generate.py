@@ -20,6 +20,7 @@ from minigpt.generate import (
     generate_text_simple,
     generate_tokens,
     main,
+    print_sampled_tokens,
     sample_next_token,
     softmax_with_temperature,
     stream,
@@ -599,3 +600,22 @@ def test_generate_next_greedy_token_is_generates_first_token(tokenizer):
     # An empty text starts from <|endoftext|>, as GPT-2 does.
     assert generate_next_greedy_token("", tokenizer, model) == generate_next_greedy_token("<|endoftext|>",
                                                                                           tokenizer, model)
+
+
+def test_print_sampled_tokens_prints_the_documents_counts(capsys):
+    # Seed document 003, section 6.3.1: the toy vocabulary, its logits, temperatures 1, 0.1, 5.
+    words = ["closer", "every", "effort", "forward", "inches", "moves", "pizza", "toward", "you"]
+    logits = torch.tensor([4.51, 0.89, -1.90, 6.75, 1.63, -1.62, -1.89, 6.28, 1.79])
+    inverse_vocab = dict(enumerate(words))
+    document = {
+        1: [73, 0, 0, 582, 2, 0, 0, 343],  # no "you" line: bincount stops at the largest id drawn
+        0.1: [0, 0, 0, 985, 0, 0, 0, 15],
+        5: [165, 75, 42, 239, 71, 46, 32, 227, 103],
+    }
+    for temperature, counts in document.items():
+        got = print_sampled_tokens(softmax_with_temperature(logits, temperature), inverse_vocab)
+        assert got.tolist() == counts
+        lines = [f"{c} x {w}" for c, w in zip(counts, words[:len(counts)], strict=True)]
+        assert capsys.readouterr().out.splitlines() == lines
+    print_sampled_tokens(torch.tensor([0.0, 1.0]), num_samples=5)  # no vocabulary: the ids
+    assert capsys.readouterr().out.splitlines() == ["0 x 0", "5 x 1"]

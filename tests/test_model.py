@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from minigpt import GPTConfig, GPTModel, KVCache, calc_loss_batch
+from minigpt import FeedForward, GPTConfig, GPTModel, KVCache, MultiHeadAttention, TransformerBlock, calc_loss_batch
 from tests.tutorial_model import TutorialGPT
 
 TUTORIAL_CFG = {"vocab_size": 100, "ctx_len": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
@@ -38,6 +38,20 @@ def test_tutorial_state_dict_with_mask_buffer_loads():
     ours.load_state_dict(tutorial.state_dict())  # strict: only the mask buffers are extra
     idx = torch.randint(0, 100, (3, 10))
     torch.testing.assert_close(ours.eval()(idx), tutorial.eval()(idx), rtol=0, atol=1e-5)
+
+
+def test_modules_take_the_walk_throughs_arguments():
+    # Chapter 4 builds its blocks from the config dict and names the context `block_size`.
+    block = TransformerBlock(TUTORIAL_CFG)
+    assert block.att.context_length == 16 and block.att.num_heads == 4 and block.drop_shortcut.p == 0.1
+    assert FeedForward(TUTORIAL_CFG).layers[0].weight.shape == (128, 32)
+    att = MultiHeadAttention(d_in=32, d_out=32, block_size=16, dropout=0.0, num_heads=4, qkv_bias=True)
+    assert att.context_length == 16 and att.W_query.bias is not None
+    assert MultiHeadAttention(32, 32, 16, 0.0, 4).context_length == 16  # positional, as before
+    with pytest.raises(TypeError, match="context_length or block_size"):
+        MultiHeadAttention(32, 32, 16, 0.0, 4, block_size=16)
+    with pytest.raises(TypeError, match="context_length or block_size"):
+        MultiHeadAttention(32, 32, dropout=0.0, num_heads=4)
 
 
 def test_gpt2_init_statistics():

@@ -253,3 +253,9 @@ def test_not_a_checkpoint_and_unknown_size(tmp_path):
         load_openai(tmp_path)
     with pytest.raises(ValueError, match="unknown GPT-2 model size '125M'"):
         download_and_load_gpt2("125M", tmp_path)
+
+
+def test_assign_is_exported_at_the_top():
+    import minigpt
+
+    assert minigpt.assign is assign
