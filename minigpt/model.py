@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GPTConfig, as_config
-from .kernels import linear
+from .kernels import linear, matmul
 from .loss import linear_cross_entropy
 
 
@@ -189,7 +189,7 @@ class MultiHeadAttention(nn.Module):
 
         `mask` (True = may attend) replaces the causal mask, e.g. `left_pad_mask`.
         """
-        scores = queries @ keys.transpose(2, 3)
+        scores = matmul(queries, keys.transpose(2, 3))
         if mask is None:
             mask = causal_mask(queries.shape[2], keys.shape[2], scores.device)
         scores = scores.masked_fill(~mask, -torch.inf)
@@ -209,7 +209,7 @@ class MultiHeadAttention(nn.Module):
             self.training and queries.dtype == torch.bfloat16 and x.device.type == "cpu")
         if explicit:
             weights = self.dropout(self.attention_weights(queries, keys, mask))
-            context = weights @ values
+            context = matmul(weights, values)
         else:
             n_keys = keys.shape[2]
             # Without padding: a single new query may see every cached key; a full prompt

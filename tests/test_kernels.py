@@ -94,3 +94,35 @@ def test_products_agree_whichever_kernel_takes_them(monkeypatch, avx512):
     kernels.add_mm_nt_(out16, b.t().bfloat16(), a.bfloat16())
     assert out16.dtype == torch.float32
     torch.testing.assert_close(out16, 1 + (b.t().bfloat16() @ a.t().bfloat16()).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("emulated", [True, False])
+def test_bf16_autocast_products_where_the_cpu_emulates_bf16(monkeypatch, emulated):
+    # Multiplied in float32 where the CPU has no bfloat16 arithmetic, torch's own kernel elsewhere:
+    # bfloat16 results and float32 gradients that agree with autocast's to bfloat16 rounding.
+    monkeypatch.setattr(kernels, "_bf16_emulated_here", lambda: emulated)
+    calls = []
+    apply = kernels._Bf16Linear.apply
+    monkeypatch.setattr(kernels._Bf16Linear, "apply", lambda *args: calls.append(args) or apply(*args))
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 5, 48, generator=gen).requires_grad_()
+    w = (torch.randn(80, 48, generator=gen) / 7).requires_grad_()
+    b = torch.randn(80, generator=gen).requires_grad_()
+    q, k = torch.randn(2, 3, 10, 16, generator=gen).requires_grad_(), torch.randn(2, 3, 16, 12, generator=gen)
+    upstream, upstream_qk = torch.randn(3, 5, 80, generator=gen), torch.randn(2, 3, 10, 12, generator=gen)
+
+    def run(lin, mm):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, scores = lin(x, w, b), mm(q, k)
+        assert out.dtype == scores.dtype == torch.bfloat16
+        grads = torch.autograd.grad((out, scores), (x, w, b, q), (upstream.bfloat16(), upstream_qk.bfloat16()))
+        assert [g.dtype for g in grads] == [torch.float32] * 4
+        return [out.float(), scores.float(), *grads]
+
+    ours, ref = run(kernels.linear, kernels.matmul), run(F.linear, torch.matmul)
+    assert len(calls) == int(emulated)
+    for got, expected in zip(ours, ref, strict=True):
+        torch.testing.assert_close(got, expected, rtol=2**-6, atol=2**-6 * expected.abs().max().item())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # float32 operands are cast, as by @
+        assert kernels.matmul(q.float(), k).dtype == torch.bfloat16
+    assert kernels.matmul(q, k).dtype == torch.float32 and not kernels.emulated_bf16_autocast(q)
