@@ -10,8 +10,8 @@ the two are about even. bfloat16 products already go through oneDNN, and other d
 their own kernels: there `mm_nt` and `linear` are plain `a @ b.T` and `F.linear`.
 
 Under bfloat16 autocast on a CPU without bfloat16 arithmetic (no AVX512-BF16 or AMX), PyTorch
-multiplies bfloat16 matrices with a generic loop: 5 GFLOP/s on a 2-core AVX2 EPYC, against 40
-in float32 (2 for the attention's batched products). There `linear` and `matmul` multiply the
+multiplies bfloat16 matrices with a generic loop: 1-6 GFLOP/s on a 2-core AVX2 EPYC, against
+40-70 in float32. There `linear` and `matmul` multiply the
 bfloat16-rounded operands in float32 and round the result to bfloat16: what bfloat16 hardware
 computes (bfloat16 in, float32 sums, bfloat16 out), at float32's speed.
 """
