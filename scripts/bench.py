@@ -8,9 +8,9 @@ First the machine's ceilings (matmul GFLOP/s in float32 and bfloat16, copy bandw
 training and generation throughput. On a CPU that only emulates bfloat16 (no AVX512-BF16 or
 AMX: its bf16 matmul peak is below float32's) the bf16 training rows and Hugging Face's bf16
 generation are skipped unless --emulated-bf16 asks for them (then with 1 warm-up and 2 timed
-steps, and minigpt's bf16 MFU against the float32 peak: it multiplies in float32 there). Every contender runs in a
-subprocess of its own, so its peak memory is its own; each row is the median over timed
-repetitions after warm-up.
+steps, and minigpt's bf16 MFU against the float32 peak: it multiplies in float32 there). Every
+contender runs in a subprocess of its own, so its peak memory is its own; each row is the median
+over timed repetitions after warm-up.
 
 What is compared:
 - Training: forward + backward + AdamW step on random token windows. Both models are GPT-2 with
