@@ -1,7 +1,7 @@
 """minigpt against Hugging Face transformers, side by side, in one run.
 
-    python scripts/bench.py            # the full table (about 12-15 minutes on 2 CPU cores)
-    python scripts/bench.py --quick    # a smaller, shorter run (under 2 minutes)
+    python scripts/bench.py            # the full table (15-35 minutes on 2 CPU cores)
+    python scripts/bench.py --quick    # a smaller, shorter run (2-5 minutes)
     python scripts/bench.py --device cuda --json bench.json
 
 First the machine's ceilings (matmul GFLOP/s in float32 and bfloat16, copy bandwidth), then
@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         print("this CPU emulates bfloat16 (no AVX512-BF16 or AMX): "
               + ("its bf16 rows run anyway (--emulated-bf16)" if args.emulated_bf16 else
                  "bf16 training and Hugging Face's bf16 generation are skipped (--emulated-bf16 runs them); "
-                 "minigpt's bf16 generation stays: at batch 1 it is bound by weight reads, halved in bf16"))
+                 "minigpt's bf16 generation stays: one-row bf16 products have a vectorised kernel of their own"))
     report: dict = {"ceilings": ceil, "threads": args.threads, "device": str(device)}
     # Peak memory: the process's RSS on the CPU; what PyTorch allocated on the GPU under CUDA.
     mem_key, mem_title = ("peak_cuda_mb", "GPU MB") if device.type == "cuda" else ("peak_rss_mb", "RSS MB")
