@@ -11,9 +11,9 @@ their own kernels: there `mm_nt` and `linear` are plain `a @ b.T` and `F.linear`
 
 Under bfloat16 autocast on a CPU without bfloat16 arithmetic (no AVX512-BF16 or AMX), PyTorch
 multiplies bfloat16 matrices with a generic loop: 1-6 GFLOP/s on a 2-core AVX2 EPYC, against
-40-70 in float32. There `linear` and `matmul` multiply the
-bfloat16-rounded operands in float32 and round the result to bfloat16: what bfloat16 hardware
-computes (bfloat16 in, float32 sums, bfloat16 out), at float32's speed.
+40-70 in float32. There `linear` and `matmul` multiply the bfloat16-rounded operands in float32
+and round the result to bfloat16: what bfloat16 hardware computes (bfloat16 in, float32 sums,
+bfloat16 out), at float32's speed.
 """
 
 from __future__ import annotations
