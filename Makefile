@@ -8,25 +8,32 @@ ifneq ($(wildcard $(SHARED)/tiktoken-cache),)
 export TIKTOKEN_CACHE_DIR ?= $(SHARED)/tiktoken-cache
 endif
 
-.PHONY: install train test test-slow test-repro lint
+.PHONY: torch install install-test train test test-slow test-repro lint
 
 # Torch first, pinned: on this CPU-only machine kind that is the CPU build already on disk,
 # where a bare `torch` requirement would pull a multi-GB CUDA build.
-install:
+torch:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q torch==2.13.0
-	$(PYTHON) -m pip install -q -e '.[dev]'
+
+# What the main job needs: the runtime dependencies only.
+install: torch
+	$(PYTHON) -m pip install -q -e .
+
+# The test extras: pytest, ruff, transformers (parity tests), tensorflow (OpenAI's format).
+install-test: torch
+	$(PYTHON) -m pip install -q -e '.[test]'
 
 train: install
 	$(PYTHON) -m minigpt.train $(ARGS)
 
-test: install
+test: install-test
 	$(PYTHON) -m pytest -q $(ARGS)
 
-test-slow: install
+test-slow: install-test
 	$(PYTHON) -m pytest -q -m slow $(ARGS)
 
-test-repro: install
+test-repro: install-test
 	$(PYTHON) -m pytest -q -m repro $(ARGS)
 
-lint:
+lint: install-test
 	$(PYTHON) -m ruff check minigpt tests scripts

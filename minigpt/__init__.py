@@ -1,54 +1,59 @@
-"""minigpt: a from-scratch, pure-PyTorch GPT-2."""
+"""minigpt: a from-scratch, pure-PyTorch GPT-2.
 
-from importlib import import_module
-from typing import Any
+Every public name is imported here, eagerly: `from minigpt import generate` is the function,
+whatever was imported before. The commands live in `minigpt.cli` (`python -m minigpt.train`
+runs `minigpt.cli.train.main`).
+"""
 
-from .checkpoint import CheckpointError, load_model, save_model
+from .backends import cpu_has_bf16_arithmetic, keep_freed_memory, optimize_for_cpu
+from .book import (calc_loss_batch, calc_loss_loader, evaluate_model, generate_and_print_sample,
+                   generate_greedy_text, generate_next_greedy_token, generate_text_simple, print_sampled_tokens,
+                   softmax_with_temperature, train_model_simple)
+from .checkpoint import load_classifier, load_model, save_model
+from .classifier import GPTClassifier, freeze
 from .config import PRESETS, GPTConfig, get_preset
-from .data import (NAMED_CORPORA, DataError, DocumentChunkDataset, GPTDatasetV1, TokenWindowDataset,
-                   chunk_documents, create_dataloader_v1, iter_documents, load_token_ids, pack_documents,
-                   resolve_corpus, split_documents, split_tokens)
+from .data import (NAMED_CORPORA, DocumentChunkDataset, GPTDatasetV1, TokenWindowDataset, chunk_documents,
+                   create_dataloader_v1, iter_documents, load_token_ids, pack_documents, resolve_corpus,
+                   split_documents, split_tokens)
 from .device import resolve_device
-from .loss import calc_loss_batch, calc_loss_loader, perplexity
-from .model import GELU, FeedForward, GPTModel, KVCache, LayerNorm, MultiHeadAttention, TransformerBlock
+from .errors import (CheckpointError, ConfigError, DataError, DownloadError, MinigptError, MissingExtra,
+                     NonFiniteLoss)
+from .generation import SamplingConfig, generate, generate_tokens, stream
+from .inspection import attention_maps, hidden_states, nearest_neighbors
+from .loss import linear_cross_entropy, perplexity
+from .model import GELU, FeedForward, GPTModel, KVCache, LayerNorm, MultiHeadAttention, TransformerBlock, crop_context
 from .plot import plot_attention, plot_attention_grid, plot_losses
 from .tokenizer import EOS_ID, get_tokenizer, text_to_token_ids, token_ids_to_text
-from .weights import DownloadError, assign, download_and_load_gpt2, from_pretrained, load_weights_into_gpt, save_hf
-
-# Names from the modules that are also commands (`python -m minigpt.train`, ...) are imported on
-# first use: importing them here would load each command's module twice when it runs as __main__.
-_FROM_COMMANDS = {
-    "train": ("train_model_simple", "evaluate_model", "generate_and_print_sample", "Trainer", "TrainConfig"),
-    "generate": ("generate_text_simple", "generate", "generate_tokens", "stream", "softmax_with_temperature",
-                 "print_sampled_tokens", "generate_next_greedy_token", "generate_greedy_text"),
-    "classify": ("GPTClassifier", "load_classifier"),
-    "inspect": ("nearest_neighbors", "hidden_states", "attention_maps"),
-}
-_LAZY = {name: module for module, names in _FROM_COMMANDS.items() for name in names}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module 'minigpt' has no attribute {name!r}")
-
+from .training import LanguageModelTask, Trainer, TrainConfig
+from .weights import assign, download_and_load_gpt2, from_pretrained, load_weights_into_gpt, save_hf
 
 __all__ = [
-    # model
+    # the model
     "GPTConfig", "PRESETS", "get_preset", "LayerNorm", "GELU", "FeedForward", "MultiHeadAttention",
-    "TransformerBlock", "GPTModel", "KVCache", "resolve_device",
+    "TransformerBlock", "GPTModel", "KVCache", "crop_context", "resolve_device",
+    # the CPU backend
+    "optimize_for_cpu", "cpu_has_bf16_arithmetic", "keep_freed_memory",
     # text
     "get_tokenizer", "text_to_token_ids", "token_ids_to_text", "EOS_ID",
     # data
-    "DataError", "NAMED_CORPORA", "resolve_corpus", "iter_documents", "load_token_ids", "split_tokens",
+    "NAMED_CORPORA", "resolve_corpus", "iter_documents", "load_token_ids", "split_tokens",
     "TokenWindowDataset", "GPTDatasetV1", "create_dataloader_v1", "pack_documents", "chunk_documents",
     "split_documents", "DocumentChunkDataset",
-    # training and losses
-    "calc_loss_batch", "calc_loss_loader", "perplexity", "plot_losses",
+    # the book's procedures
+    "train_model_simple", "evaluate_model", "generate_and_print_sample", "calc_loss_batch", "calc_loss_loader",
+    "generate_text_simple", "softmax_with_temperature", "print_sampled_tokens", "generate_next_greedy_token",
+    "generate_greedy_text",
+    # losses, training
+    "perplexity", "linear_cross_entropy", "plot_losses", "Trainer", "TrainConfig", "LanguageModelTask",
+    # generation
+    "generate", "generate_tokens", "stream", "SamplingConfig",
     # weights and checkpoints
-    "save_model", "load_model", "CheckpointError", "from_pretrained", "download_and_load_gpt2",
-    "load_weights_into_gpt", "assign", "save_hf", "DownloadError",
-    # inspection
-    "plot_attention", "plot_attention_grid",
-    *_LAZY,
+    "save_model", "load_model", "load_classifier", "from_pretrained", "download_and_load_gpt2",
+    "load_weights_into_gpt", "assign", "save_hf",
+    # classification, inspection
+    "GPTClassifier", "freeze", "nearest_neighbors", "hidden_states", "attention_maps", "plot_attention",
+    "plot_attention_grid",
+    # errors
+    "MinigptError", "ConfigError", "DataError", "CheckpointError", "DownloadError", "NonFiniteLoss",
+    "MissingExtra",
 ]

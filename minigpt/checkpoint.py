@@ -1,6 +1,7 @@
 """Saving and loading models and training state, atomically and without pickle.
 
-A model directory holds `config.json` (the `GPTConfig`) and `model.safetensors`.
+A model directory holds `config.json` (the `GPTConfig`, plus metadata such as the training
+arguments; a classifier's record its labels) and `model.safetensors`.
 A training checkpoint is a model directory plus `trainer.pt` (optimizer, schedule
 position, data position, RNG states, arguments), read back with `weights_only=True`.
 Directories are written under a temporary name and renamed into place, so a crash or
@@ -11,19 +12,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import GPTConfig
+from .errors import CheckpointError
+from .files import atomic_dir
 from .model import GPTModel
+
+if TYPE_CHECKING:
+    from .classifier import GPTClassifier
+
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "TRAINER_FILE", "FORMAT", "CheckpointError", "save_model", "load_model",
+           "load_classifier", "read_config", "load_state_into", "load_trainer_state", "model_tensors"]
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -31,62 +36,8 @@ TRAINER_FILE = "trainer.pt"
 FORMAT = "minigpt"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated, corrupt or of another shape."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory that becomes `path` only if the block succeeds.
-
-    An existing `path` is replaced; on error the temporary directory is removed and
-    `path` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a small text file via a temporary file and rename."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def model_tensors(model: GPTModel, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def model_tensors(model: GPTModel | GPTClassifier,
+                  state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's state (or `state`, e.g. gathered from shards) as contiguous tensors,
     a tied output head stored once."""
     state = dict(model.state_dict() if state is None else state)
@@ -95,7 +46,7 @@ def model_tensors(model: GPTModel, state: dict[str, torch.Tensor] | None = None)
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def save_model(model: GPTModel, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
+def save_model(model: GPTModel | GPTClassifier, path: str | os.PathLike, metadata: dict[str, Any] | None = None,
                extra_files: dict[str, Any] | None = None, state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `model` as a minigpt model directory at `path` (atomically).
 
@@ -125,7 +76,7 @@ def read_config(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, Any]]:
         raise CheckpointError(f"{file}: unreadable config ({e})") from e
 
 
-def load_state_into(model: GPTModel, state: dict[str, torch.Tensor], source: str) -> None:
+def load_state_into(model: GPTModel | GPTClassifier, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy `state` into `model`, naming any missing, unexpected or mis-shaped tensor."""
     expected = model_tensors(model)
     missing = sorted(set(expected) - set(state))
@@ -139,23 +90,47 @@ def load_state_into(model: GPTModel, state: dict[str, torch.Tensor], source: str
     model.load_state_dict(state, strict=False)
 
 
-def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None, **config_overrides: Any) -> GPTModel:
-    """Load a model directory written by `save_model` (or a training checkpoint)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise CheckpointError(f"{path}: no such checkpoint directory")
-    cfg, _ = read_config(path)
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{path}: {WEIGHTS_FILE} is missing")
     try:
-        state = load_file(str(weights))
+        return load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{weights}: corrupt or truncated ({e})") from e
-    model = GPTModel(cfg.replace(**config_overrides))
-    load_state_into(model, state, str(weights))
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = None, **config_overrides: Any) -> GPTModel | GPTClassifier:
+    """Load a model directory written by `save_model` (or a training checkpoint), in eval mode.
+
+    A classifier checkpoint (its config.json records `train_args.labels`) gives a
+    `minigpt.classifier.GPTClassifier`, any other a `GPTModel`.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    cfg, meta = read_config(path)
+    state = _read_weights(path)
+    cfg = cfg.replace(**config_overrides)
+    train_args = meta.get("train_args") or {}
+    if "labels" in train_args:
+        from .classifier import GPTClassifier  # only classifier checkpoints need it
+
+        model = GPTClassifier(cfg, train_args["labels"], train_args.get("max_length"))
+    else:
+        model = GPTModel(cfg)
+    load_state_into(model, state, str(path / WEIGHTS_FILE))
     return model.to(device=device, dtype=dtype).eval()
+
+
+def load_classifier(path: str | os.PathLike, device: torch.device | str = "cpu") -> GPTClassifier:
+    """A classifier checkpoint written by `python -m minigpt.classify train`, in eval mode."""
+    _, meta = read_config(path)
+    if "labels" not in (meta.get("train_args") or {}):
+        raise CheckpointError(f"{path}: not a classifier checkpoint (its config.json records no labels); "
+                              "make one with python -m minigpt.classify train")
+    return load_model(path, device)
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:

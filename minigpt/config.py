@@ -5,8 +5,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-ATTENTION_KINDS = ("sdpa", "reference")
+from .errors import ConfigError
+
+ARITHMETIC_KINDS = ("fast", "tutorial")
 INIT_KINDS = ("gpt2", "torch")
+# The field `arithmetic` was once `attention`, with these values; old checkpoints' configs still load.
+LEGACY_ATTENTION = {"sdpa": "fast", "reference": "tutorial"}
+
+
+def check_arithmetic(value: str) -> str:
+    """`value` if it names an arithmetic ("fast" or "tutorial"), else a `ConfigError`."""
+    if value not in ARITHMETIC_KINDS:
+        raise ConfigError(f"arithmetic must be one of {ARITHMETIC_KINDS}, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -26,10 +37,10 @@ class GPTConfig:
     qkv_bias: bool = False
     # GPT-2 shares the output head with the token embedding; the tutorial's model does not.
     tie_weights: bool = False
-    # "sdpa": fused kernels (scaled_dot_product_attention, F.layer_norm, F.gelu); "reference":
-    # the tutorial's written-out math (masked softmax, LayerNorm and GELU formulas), which
-    # reproduces the tutorial's numbers bit for bit and can return attention weights.
-    attention: str = "sdpa"
+    # "fast": one-kernel attention, LayerNorm and GELU (F.scaled_dot_product_attention,
+    # F.layer_norm, F.gelu); "tutorial": the tutorial's written-out formulas (masked softmax,
+    # LayerNorm, GELU), which reproduce the tutorial's numbers bit for bit.
+    arithmetic: str = "fast"
     # "gpt2": the paper's init; "torch": PyTorch's default init, as the tutorial's model has.
     init: str = "gpt2"
 
@@ -37,25 +48,16 @@ class GPTConfig:
         for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
         if self.emb_dim % self.n_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"GPTConfig.emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads})"
             )
         if not isinstance(self.drop_rate, (int, float)) or not 0.0 <= self.drop_rate < 1.0:
-            raise ValueError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(
-                f"GPTConfig.attention must be one of {ATTENTION_KINDS}, got {self.attention!r}"
-            )
+            raise ConfigError(f"GPTConfig.drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        check_arithmetic(self.arithmetic)
         if self.init not in INIT_KINDS:
-            raise ValueError(f"GPTConfig.init must be one of {INIT_KINDS}, got {self.init!r}")
-
-    @property
-    def fused_ops(self) -> bool:
-        """Faster kernels for LayerNorm, GELU and the linear layers (the "sdpa" path); the
-        "reference" path keeps the tutorial's arithmetic, bit for bit."""
-        return self.attention == "sdpa"
+            raise ConfigError(f"GPTConfig.init must be one of {INIT_KINDS}, got {self.init!r}")
 
     @property
     def head_dim(self) -> int:
@@ -65,19 +67,23 @@ class GPTConfig:
     def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
         """Build from a plain dict such as the tutorials' `GPT_CONFIG_124M`.
 
-        The older key `ctx_len` is accepted for `context_length`; unknown keys are an error.
+        Older keys are accepted: `ctx_len` for `context_length`, and `attention` ("sdpa" or
+        "reference") for `arithmetic` ("fast" or "tutorial"); unknown keys are an error.
         """
         d = dict(d)
-        if "ctx_len" in d:
-            if "context_length" in d and d["context_length"] != d["ctx_len"]:
-                raise ValueError(
-                    f"config gives both ctx_len={d['ctx_len']} and context_length={d['context_length']}"
-                )
-            d["context_length"] = d.pop("ctx_len")
+        if "attention" in d:
+            if d["attention"] not in LEGACY_ATTENTION:
+                raise ConfigError(f"attention must be one of {tuple(LEGACY_ATTENTION)}, got {d['attention']!r}")
+            d["attention"] = LEGACY_ATTENTION[d["attention"]]
+        for old, new in (("ctx_len", "context_length"), ("attention", "arithmetic")):
+            if old in d:
+                if new in d and d[new] != d[old]:
+                    raise ConfigError(f"config gives both {old}={d[old]!r} and {new}={d[new]!r}")
+                d[new] = d.pop(old)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown GPTConfig key(s) {unknown}; known keys: {sorted(known)}")
+            raise ConfigError(f"unknown GPTConfig key(s) {unknown}; known keys: {sorted(known)}")
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -110,7 +116,7 @@ def get_preset(name: str, **overrides: Any) -> GPTConfig:
     key = PRESET_ALIASES.get(name, name)
     if key not in PRESETS:
         choices = sorted(set(PRESETS) | set(PRESET_ALIASES))
-        raise ValueError(f"unknown preset {name!r}; choose one of {choices}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {choices}")
     return PRESETS[key].replace(**overrides)
 
 

@@ -46,42 +46,6 @@ def _mps_available() -> bool:
     return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
 
 
-def cpu_has_bf16_arithmetic() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX).
-
-    Without either, bfloat16 matmuls are emulated and run slower than float32 ones: at half
-    the rate on a 2-core AVX-512 Xeon, at 1-10% of it on an AVX2-only EPYC (against 4x faster
-    on an EPYC with AVX512-BF16).
-    """
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
-
-
-def keep_freed_memory() -> bool:
-    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the OS.
-
-    PyTorch on the CPU allocates and frees large temporaries (activations, logits, gradients)
-    every step. By default glibc serves blocks over 32 MB with fresh mmaps and trims the heap,
-    so each step page-faults the same memory in again: that costs a large share of CPU time
-    (a tiny-model training run here went from 44 s to 7 s). Disabling mmap-backed blocks and
-    trimming keeps the memory mapped; peak memory is unchanged, the process just doesn't shrink.
-    Returns whether the setting was applied (only on Linux with glibc).
-    """
-    import ctypes
-    import ctypes.util
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
-
-
 def use_fast_matmul(device: torch.device) -> bool:
     """On CUDA, let float32 matmuls and convolutions use TF32 tensor cores.
 

@@ -8,6 +8,7 @@ DistributedDataParallel and FSDP do the gradient work, torchrun the launching.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .device import resolve_device
+from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,14 @@ class DistInfo:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @classmethod
+    def from_env(cls) -> DistInfo:
+        """This process's place as torchrun's environment variables give it."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size == 1:
+            return cls()
+        return cls(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+
 
 def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> tuple[DistInfo, torch.device]:
     """Join the torchrun job if there is one; return this rank's place and device.
@@ -42,10 +52,9 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> tuple[Di
     One device per local rank: `cuda:LOCAL_RANK` with NCCL when CUDA is used, the CPU with
     gloo otherwise. The timeout bounds how long a collective waits for a rank that died.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return DistInfo(), resolve_device(device)
-    info = DistInfo(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    info = DistInfo.from_env()
+    if not info.enabled:
+        return info, resolve_device(device)
     wanted = resolve_device(device)
     if wanted.type == "cuda":
         wanted = torch.device("cuda", info.local_rank)
@@ -54,7 +63,7 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> tuple[Di
     elif wanted.type == "cpu":
         backend = "gloo"
     else:
-        raise ValueError(f"distributed training supports CUDA and CPU devices, not {wanted}")
+        raise ConfigError(f"distributed training supports CUDA and CPU devices, not {wanted}")
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     return info, wanted
@@ -106,7 +115,18 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, fsdp: boo
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, fsdp: bool) -> tuple[dict, dict]:
+def gradient_sync(wrapped: nn.Module, info: DistInfo, fsdp: bool,
+                  enabled: bool) -> contextlib.AbstractContextManager:
+    """A context for one micro-batch's backward pass: `enabled=False` skips the gradient
+    all-reduce (on all but the last micro-batch of a step)."""
+    if fsdp:
+        wrapped.set_requires_gradient_sync(enabled)
+    elif info.enabled and not enabled:
+        return wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Unsharded model and optimizer state dicts on the CPU, the optimizer's keyed by parameter
     name, so that a checkpoint loads the same way with or without DDP/FSDP (a collective
     under FSDP: every rank must call it)."""

@@ -1,11 +1,14 @@
 """GPT-2, written out by hand: LayerNorm, GELU, attention, blocks and the model.
 
 Module and parameter names follow the "LLMs from scratch" tutorial model, so its
-state_dicts and its `load_weights_into_gpt` work here unchanged.
+state_dicts and its `load_weights_into_gpt` work here unchanged. `arithmetic="tutorial"`
+computes the tutorial's formulas (its numbers bit for bit); `"fast"` the same functions
+with one-kernel `F.*` calls. CPU-specific speed-ups live apart, in `minigpt.backends.cpu`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any
 
@@ -13,39 +16,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import GPTConfig, as_config
-from .kernels import linear, matmul
-from .loss import linear_cross_entropy
-
-
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, initialisation and state_dict); `fused=True` runs float32
-    products on the CPU through oneDNN (`minigpt.kernels`), up to 2x faster than the default."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, fused: bool = False) -> None:
-        super().__init__(in_features, out_features, bias)
-        self.fused = fused
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias) if self.fused else super().forward(x)
+from .config import GPTConfig, as_config, check_arithmetic
+from .errors import ConfigError
+from .loss import HeadProducts, linear_cross_entropy
 
 
 class LayerNorm(nn.Module):
     """Normalise each token's vector to zero mean and unit variance, then scale and shift.
 
-    `fused=True` computes the same function with one kernel (`F.layer_norm`), which keeps only
-    the mean and 1/std for the backward pass instead of every intermediate of the formula.
+    `arithmetic="fast"` computes the same function with one kernel (`F.layer_norm`), which keeps
+    only the mean and 1/std for the backward pass instead of every intermediate of the formula.
     """
 
-    def __init__(self, emb_dim: int, eps: float = 1e-5, fused: bool = False) -> None:
+    def __init__(self, emb_dim: int, eps: float = 1e-5, arithmetic: str = "tutorial") -> None:
         super().__init__()
         self.eps = eps
-        self.fused = fused
+        self.arithmetic = check_arithmetic(arithmetic)
         self.scale = nn.Parameter(torch.ones(emb_dim))
         self.shift = nn.Parameter(torch.zeros(emb_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        if self.arithmetic == "fast":
             return F.layer_norm(x, self.scale.shape, self.scale, self.shift, self.eps)
         mean = x.mean(dim=-1, keepdim=True)
         var = x.var(dim=-1, keepdim=True, unbiased=False)  # biased, as GPT-2 and nn.LayerNorm
@@ -58,14 +49,14 @@ _SQRT_2_OVER_PI = torch.sqrt(torch.tensor(2.0 / math.pi)).item()
 
 
 class GELU(nn.Module):
-    """GELU with GPT-2's tanh approximation; `fused=True` uses the one-kernel `F.gelu`."""
+    """GELU with GPT-2's tanh approximation; `arithmetic="fast"` uses the one-kernel `F.gelu`."""
 
-    def __init__(self, fused: bool = False) -> None:
+    def __init__(self, arithmetic: str = "tutorial") -> None:
         super().__init__()
-        self.fused = fused
+        self.arithmetic = check_arithmetic(arithmetic)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:
+        if self.arithmetic == "fast":
             return F.gelu(x, approximate="tanh")
         return 0.5 * x * (1 + torch.tanh(_SQRT_2_OVER_PI * (x + 0.044715 * torch.pow(x, 3))))
 
@@ -79,9 +70,9 @@ class FeedForward(nn.Module):
         # The trailing Dropout is the tutorial's; together with the block's residual
         # dropout it is what makes the tutorial's training numbers reproduce exactly.
         self.layers = nn.Sequential(
-            Linear(cfg.emb_dim, 4 * cfg.emb_dim, fused=cfg.fused_ops),
-            GELU(fused=cfg.fused_ops),
-            Linear(4 * cfg.emb_dim, cfg.emb_dim, fused=cfg.fused_ops),
+            nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim),
+            GELU(cfg.arithmetic),
+            nn.Linear(4 * cfg.emb_dim, cfg.emb_dim),
             nn.Dropout(cfg.drop_rate),
         )
 
@@ -99,7 +90,7 @@ class KVCache:
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> None:
         max_len = cfg.context_length if max_len is None else max_len
         if not 0 < max_len <= cfg.context_length:
-            raise ValueError(f"KVCache max_len must be in [1, {cfg.context_length}], got {max_len}")
+            raise ConfigError(f"KVCache max_len must be in [1, {cfg.context_length}], got {max_len}")
         shape = (cfg.n_layers, batch_size, cfg.n_heads, max_len, cfg.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
@@ -141,6 +132,19 @@ def left_pad_mask(left_pad: torch.Tensor, n_queries: int, n_keys: int) -> torch.
     return ((keys <= queries) & (is_real_key | (keys == queries))).unsqueeze(1)
 
 
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor | None, head_dim: int) -> torch.Tensor:
+    """softmax(scores / sqrt(head_dim)) over the keys each query may attend (`mask`, causal by default)."""
+    if mask is None:
+        mask = causal_mask(scores.shape[-2], scores.shape[-1], scores.device)
+    scores = scores.masked_fill(~mask, -torch.inf)
+    return torch.softmax(scores / head_dim ** 0.5, dim=-1)
+
+
+def _drop_tutorial_mask(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    # The tutorial's attention stores its causal mask as a buffer; it carries no information.
+    state_dict.pop(prefix + "mask", None)
+
+
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention.
 
@@ -148,31 +152,25 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, d_in: int, d_out: int, context_length: int | None = None, dropout: float = 0.0,
-                 num_heads: int = 1, qkv_bias: bool = False, attention: str = "sdpa", *,
+                 num_heads: int = 1, qkv_bias: bool = False, arithmetic: str = "fast", *,
                  block_size: int | None = None) -> None:
         super().__init__()
         if (context_length is None) == (block_size is None):
             raise TypeError("MultiHeadAttention takes context_length or block_size (the same thing), exactly one")
-        context_length = block_size if context_length is None else context_length
         if d_out % num_heads:
-            raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
+            raise ConfigError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
         self.d_out = d_out
         self.num_heads = num_heads
         self.head_dim = d_out // num_heads
-        self.context_length = context_length
-        self.attention = attention
-        fused = attention != "reference"
-        self.W_query = Linear(d_in, d_out, bias=qkv_bias, fused=fused)
-        self.W_key = Linear(d_in, d_out, bias=qkv_bias, fused=fused)
-        self.W_value = Linear(d_in, d_out, bias=qkv_bias, fused=fused)
-        self.out_proj = Linear(d_out, d_out, fused=fused)
+        self.context_length = block_size if context_length is None else context_length
+        self.arithmetic = check_arithmetic(arithmetic)
+        self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
+        self.out_proj = nn.Linear(d_out, d_out)
         self.dropout = nn.Dropout(dropout)
         # No (context x context) mask buffer: the causal mask is made only where needed.
-
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
-        # The tutorial's model stores its causal mask as a buffer; it carries no information.
-        state_dict.pop(prefix + "mask", None)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.register_load_state_dict_pre_hook(_drop_tutorial_mask)
 
     def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
         b, n, _ = t.shape
@@ -189,11 +187,20 @@ class MultiHeadAttention(nn.Module):
 
         `mask` (True = may attend) replaces the causal mask, e.g. `left_pad_mask`.
         """
-        scores = matmul(queries, keys.transpose(2, 3))
-        if mask is None:
-            mask = causal_mask(queries.shape[2], keys.shape[2], scores.device)
-        scores = scores.masked_fill(~mask, -torch.inf)
-        return torch.softmax(scores / keys.shape[-1] ** 0.5, dim=-1)
+        return masked_softmax(queries @ keys.transpose(2, 3), mask, keys.shape[-1])
+
+    def attend(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """softmax(QK^T / sqrt(d)) V, each head's context: (batch, heads, q, head_dim)."""
+        if self.arithmetic == "tutorial":
+            return self.dropout(self.attention_weights(queries, keys, mask)) @ values
+        n, n_keys = queries.shape[2], keys.shape[2]
+        # Without padding: a single new query may see every cached key; a full prompt
+        # is plain causal; a chunk after a cached prefix needs the offset mask.
+        if mask is None and 1 < n < n_keys:
+            mask = causal_mask(n, n_keys, queries.device)
+        return F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, is_causal=mask is None and n > 1,
+                                              dropout_p=self.dropout.p if self.training else 0.0)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -201,26 +208,8 @@ class MultiHeadAttention(nn.Module):
         queries, keys, values = self.qkv(x)
         if kv_cache is not None:
             keys, values = kv_cache.update(layer, keys, values)
-
-        # On the CPU, training in bfloat16, torch's fused attention kernel is slower than the
-        # explicit matmul-softmax-matmul at GPT-2's context lengths (its backward above all:
-        # a 124M training step, 750 -> 700 ms on 2 AVX-512-bf16 cores), so it takes that path.
-        explicit = self.attention == "reference" or (
-            self.training and queries.dtype == torch.bfloat16 and x.device.type == "cpu")
-        if explicit:
-            weights = self.dropout(self.attention_weights(queries, keys, mask))
-            context = matmul(weights, values)
-        else:
-            n_keys = keys.shape[2]
-            # Without padding: a single new query may see every cached key; a full prompt
-            # is plain causal; a chunk after a cached prefix needs the offset mask.
-            if mask is None and n > 1 and n < n_keys:
-                mask = causal_mask(n, n_keys, x.device)
-            context = F.scaled_dot_product_attention(
-                queries, keys, values, attn_mask=mask, is_causal=mask is None and n > 1,
-                dropout_p=self.dropout.p if self.training else 0.0)
-        context = context.transpose(1, 2).reshape(b, n, self.d_out)
-        return self.out_proj(context)
+        context = self.attend(queries, keys, values, mask)
+        return self.out_proj(context.transpose(1, 2).reshape(b, n, self.d_out))
 
 
 class TransformerBlock(nn.Module):
@@ -231,11 +220,10 @@ class TransformerBlock(nn.Module):
         cfg = as_config(cfg)
         self.att = MultiHeadAttention(
             d_in=cfg.emb_dim, d_out=cfg.emb_dim, context_length=cfg.context_length,
-            dropout=cfg.drop_rate, num_heads=cfg.n_heads, qkv_bias=cfg.qkv_bias,
-            attention=cfg.attention)
+            dropout=cfg.drop_rate, num_heads=cfg.n_heads, qkv_bias=cfg.qkv_bias, arithmetic=cfg.arithmetic)
         self.ff = FeedForward(cfg)
-        self.norm1 = LayerNorm(cfg.emb_dim, fused=cfg.fused_ops)
-        self.norm2 = LayerNorm(cfg.emb_dim, fused=cfg.fused_ops)
+        self.norm1 = LayerNorm(cfg.emb_dim, arithmetic=cfg.arithmetic)
+        self.norm2 = LayerNorm(cfg.emb_dim, arithmetic=cfg.arithmetic)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, kv_cache: KVCache | None = None, layer: int = 0,
@@ -248,6 +236,9 @@ class TransformerBlock(nn.Module):
 class GPTModel(nn.Module):
     """GPT-2: token + position embeddings, `n_layers` blocks, final LayerNorm, output head."""
 
+    # The products of the loss from `targets`; the CPU backend swaps in its own.
+    head_products = HeadProducts()
+
     def __init__(self, cfg: GPTConfig | dict[str, Any] | str) -> None:
         super().__init__()
         cfg = as_config(cfg)
@@ -258,8 +249,8 @@ class GPTModel(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = LayerNorm(cfg.emb_dim, fused=cfg.fused_ops)
-        self.out_head = Linear(cfg.emb_dim, cfg.vocab_size, bias=False, fused=cfg.fused_ops)
+        self.final_norm = LayerNorm(cfg.emb_dim, arithmetic=cfg.arithmetic)
+        self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.init == "gpt2":
             self.apply(self._init_gpt2)
             # GPT-2 paper: every residual branch adds to the stream, so its variance grows
@@ -281,7 +272,7 @@ class GPTModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def check_input(self, in_idx: torch.Tensor, start_pos: int = 0) -> None:
-        """Raise a clear error for token ids the model cannot take."""
+        """Raise a clear error for a shape, dtype or length the model cannot take (no host sync)."""
         if not isinstance(in_idx, torch.Tensor) or in_idx.dim() != 2:
             shape = tuple(in_idx.shape) if isinstance(in_idx, torch.Tensor) else type(in_idx).__name__
             raise ValueError(f"expected token ids of shape (batch, tokens), got {shape}")
@@ -294,6 +285,10 @@ class GPTModel(nn.Module):
             raise ValueError(
                 f"sequence of {start_pos + n} tokens is longer than context_length "
                 f"{self.cfg.context_length}; crop it to the last {self.cfg.context_length} tokens")
+
+    def check_token_ids(self, in_idx: torch.Tensor) -> None:
+        """`check_input`, and a clear error for ids outside the vocabulary (reads them: a host sync)."""
+        self.check_input(in_idx)
         lo, hi = int(in_idx.min()), int(in_idx.max())
         if lo < 0 or hi >= self.cfg.vocab_size:
             bad = lo if lo < 0 else hi
@@ -332,15 +327,17 @@ class GPTModel(nn.Module):
             x = x[:, -1:]
         x = self.final_norm(x)
         if targets is not None:
-            return linear_cross_entropy(x.flatten(0, 1), self.out_head.weight, targets.flatten())
+            return linear_cross_entropy(x.flatten(0, 1), self.out_head.weight, targets.flatten(),
+                                        products=self.head_products)
         return self.out_head(x)
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str, device: str | torch.device = "cpu", **kwargs: Any) -> GPTModel:
-        """GPT-2 by name ("gpt2", ..., "gpt2-xl") or a checkpoint directory; see `minigpt.from_pretrained`."""
-        from .weights import from_pretrained  # the weights package builds on this module
+    def decoding(self, batch_size: int) -> contextlib.AbstractContextManager[None]:
+        """A context manager generation enters for each no-grad decoding step of `batch_size` rows.
 
-        return from_pretrained(name_or_path, device=device, **kwargs)
+        Nothing here; the CPU backend (`optimize_for_cpu`) packs the weights for decoding when
+        this is called and switches them on inside the context.
+        """
+        return contextlib.nullcontext()
 
     def num_parameters(self, exclude_output_head: bool = False, exclude_position: bool = False) -> int:
         """Count distinct parameters (a tied head counts once).
@@ -360,3 +357,14 @@ class GPTModel(nn.Module):
         if dtype is None:
             return sum(p.numel() * p.element_size() for p in params) / 1024**2
         return sum(p.numel() for p in params) * dtype.itemsize / 1024**2
+
+
+def crop_context(model: GPTModel, context_length: int) -> None:
+    """Shorten a model's context (e.g. pretrained GPT-2's 1024) by keeping the first positions."""
+    if context_length > model.cfg.context_length:
+        raise ConfigError(f"context length {context_length} exceeds the model's {model.cfg.context_length}")
+    model.pos_emb.weight = nn.Parameter(model.pos_emb.weight.detach()[:context_length].clone())
+    model.pos_emb.num_embeddings = context_length
+    model.cfg = model.cfg.replace(context_length=context_length)
+    for block in model.trf_blocks:
+        block.att.context_length = context_length

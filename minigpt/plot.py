@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def _pyplot() -> pyplot:
-    # Imported on first plot, not with the package: matplotlib adds about a second to start-up.
+    # Imported on first plot, not with the package: matplotlib is slow to import.
     # "Agg" draws into files only, so plotting works without a display.
     import matplotlib
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import tiktoken
 import torch
 
+from .errors import DownloadError
+
 EOS_TOKEN = "<|endoftext|>"
 EOS_ID = 50256
 
@@ -25,7 +27,7 @@ def get_tokenizer(bpe_dir: str | os.PathLike | None = None) -> tiktoken.Encoding
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:  # network errors come in many types (requests, OSError, ...)
-        raise RuntimeError(
+        raise DownloadError(
             "could not load tiktoken's 'gpt2' encoding: it downloads its files on first use "
             f"({type(e).__name__}: {e}). Offline, point TIKTOKEN_CACHE_DIR at a directory that "
             "already holds tiktoken's cached files, or pass a directory with GPT-2's "

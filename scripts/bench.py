@@ -1,7 +1,7 @@
 """minigpt against Hugging Face transformers, side by side, in one run.
 
-    python scripts/bench.py            # the full table (15-35 minutes on 2 CPU cores)
-    python scripts/bench.py --quick    # a smaller, shorter run (2-5 minutes)
+    python scripts/bench.py            # the full table
+    python scripts/bench.py --quick    # a smaller, shorter run
     python scripts/bench.py --device cuda --json bench.json
 
 First the machine's ceilings (matmul GFLOP/s in float32 and bfloat16, copy bandwidth), then
@@ -16,12 +16,12 @@ What is compared:
 - Training: forward + backward + AdamW step on random token windows. Both models are GPT-2 with
   qkv biases and a tied output head (equal parameter counts); both use `torch.optim.AdamW(fused=True)`
   (Hugging Face's Trainer default with torch >= 2.8) and the same threads, batch and sequence length.
-  minigpt runs as `python -m minigpt.train` does (its allocator setting included, the loss from
-  `model(x, targets=y)` without whole logits); Hugging Face runs as a user's process would (logits,
-  then cross-entropy in float32, as its own loss does), plus a row with minigpt's allocator setting.
-  "bf16" means autocast to bfloat16 with float32 weights, for both (minigpt's loss keeps its softmax
-  in float32, and its output head too where the CPU only emulates bfloat16: see
-  `minigpt.loss.linear_cross_entropy`).
+  minigpt runs as `python -m minigpt.train` does (its CPU backend and allocator setting included,
+  the loss from `model(x, targets=y)` without whole logits); Hugging Face runs as a user's process
+  would (logits, then cross-entropy in float32, as its own loss does), plus a row with minigpt's
+  allocator setting. "bf16" means autocast to bfloat16 with float32 weights, for both (minigpt's
+  loss keeps its softmax in float32, and its output head too where the CPU only emulates bfloat16:
+  see `minigpt.backends.cpu`).
   MFU = model FLOPs per second / measured matmul peak of the dtype, counting 6 x parameters
   (without the position embedding) per token plus attention 12 x layers x context x emb_dim.
 - Generation: greedy, 100 new tokens after an 8-token prompt, GPT-2 124M shape, batch 1 and 8.
@@ -98,9 +98,9 @@ def peak_cuda_mb(device: torch.device) -> float | None:
 
 def matmul_gflops(n: int, m: int, k: int, dtype: torch.dtype, device: torch.device, seconds: float) -> float:
     """The best rate of (n x k) @ (k x m) over `seconds` of repetitions: a peak, not a typical value.
-    In float32 on the CPU, the better of torch's `@` and oneDNN's product (`minigpt.kernels.mm_nt`,
+    In float32 on the CPU, the better of torch's `@` and oneDNN's product (`minigpt.backends.cpu.mm_nt`,
     what minigpt's layers use there), so that MFU is measured against what the machine can do."""
-    from minigpt.kernels import mm_nt, onednn_float32
+    from minigpt.backends.cpu import mm_nt, onednn_float32
 
     a = torch.randn(n, k, device=device, dtype=dtype)
     b = torch.randn(k, m, device=device, dtype=dtype)
@@ -154,13 +154,16 @@ def ceilings(device: torch.device, quick: bool) -> dict:
 
 
 def build(kind: str, n_layers: int, n_heads: int, emb_dim: int, context: int, device: torch.device):
+    """The model; minigpt's as the commands build it, with its CPU backend applied (a no-op off the CPU)."""
     torch.manual_seed(0)
     if kind == "minigpt":
-        from minigpt import GPTConfig, GPTModel
+        from minigpt.backends import optimize_for_cpu
+        from minigpt.config import GPTConfig
+        from minigpt.model import GPTModel
 
         cfg = GPTConfig(context_length=context, emb_dim=emb_dim, n_heads=n_heads, n_layers=n_layers,
                         drop_rate=0.0, qkv_bias=True, tie_weights=True)
-        return GPTModel(cfg).to(device)
+        return optimize_for_cpu(GPTModel(cfg).to(device))
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = GPT2Config(n_positions=context, n_embd=emb_dim, n_head=n_heads, n_layer=n_layers, resid_pdrop=0.0,
@@ -183,12 +186,12 @@ def train_worker(spec: dict) -> dict:
     n_layers, n_heads, emb_dim, context, batch = spec["shape"]
     kind = spec["kind"]
     if spec.get("allocator"):
-        from minigpt.device import keep_freed_memory
+        from minigpt.backends import keep_freed_memory
 
         keep_freed_memory()
     model = build(kind, n_layers, n_heads, emb_dim, context, device).train()
     if kind == "minigpt":
-        from minigpt.train import configure_optimizer
+        from minigpt.training.optim import configure_optimizer
 
         optimizer = configure_optimizer(model, 1e-4, 0.1, device)
     else:
@@ -219,7 +222,7 @@ def train_worker(spec: dict) -> dict:
 def generate_worker(spec: dict) -> dict:
     device = torch.device(spec["device"])
     kind = spec["kind"]
-    from minigpt.device import keep_freed_memory
+    from minigpt.backends import keep_freed_memory
 
     if kind.startswith("minigpt"):
         keep_freed_memory()
@@ -230,7 +233,7 @@ def generate_worker(spec: dict) -> dict:
     idx = torch.randint(0, 50256, (spec["batch"], 8), generator=gen).to(device)
     n = spec["new_tokens"]
     if kind.startswith("minigpt"):
-        from minigpt.generate import generate
+        from minigpt.generation import generate
 
         use_cache = kind == "minigpt"
 
@@ -338,13 +341,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads per contender")
     parser.add_argument("--repeats", type=int, default=1,
                         help="processes per row, run in interleaved rounds; each row shows its median one "
-                             "(one run of a row varies 15-45%% on a shared CPU)")
+                             "(single runs vary a lot on a shared CPU)")
     parser.add_argument("--only", choices=("train", "generate"), default=None, help="run one half")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--emulated-bf16", action="store_true",
                         help="on a CPU that only emulates bfloat16, also run the bf16 training rows and Hugging "
-                             "Face's bf16 generation (skipped by default: Hugging Face's run 5-10x slower than "
-                             "float32 there, minigpt's at about float32's speed)")
+                             "Face's bf16 generation (skipped by default: Hugging Face's run several times slower "
+                             "than float32 there, minigpt's at about float32's speed)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

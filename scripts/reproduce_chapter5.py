@@ -1,7 +1,7 @@
 """The tutorial's chapter-5 pretraining run, step for step, on minigpt's functions.
 
 This is the document's own code (seed 003, section 6.2) with its classes and helpers
-imported from minigpt. With `init="torch"` and `attention="reference"` the model is the
+imported from minigpt. With `init="torch"` and `arithmetic="tutorial"` the model is the
 tutorial's, draw for draw, so on a CPU in float32 it prints the document's losses:
     Ep 1 (Step 000000): Train loss 9.558, Val loss 9.856  ...  Ep 10 (Step 000085): Train loss 0.762, Val loss 6.372
 
@@ -17,15 +17,15 @@ import time
 
 import torch
 
-from minigpt import GPTModel
+from minigpt.book import train_model_simple
 from minigpt.data import create_dataloader_v1, resolve_corpus
+from minigpt.model import GPTModel
 from minigpt.tokenizer import get_tokenizer
-from minigpt.train import train_model_simple
 
 GPT_CONFIG_124M = {
     "vocab_size": 50257, "ctx_len": 256, "emb_dim": 768, "n_heads": 12, "n_layers": 12,
     "drop_rate": 0.1, "qkv_bias": False,
-    "init": "torch", "attention": "reference",  # the tutorial's exact model
+    "init": "torch", "arithmetic": "tutorial",  # the tutorial's exact model
 }
 
 

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from minigpt import GPTConfig, get_tokenizer
-from minigpt.device import keep_freed_memory
+from minigpt.backends import keep_freed_memory
+from minigpt.config import GPTConfig
+from minigpt.tokenizer import get_tokenizer
 
 keep_freed_memory()  # the tests allocate like training does; see its docstring
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from minigpt import GPTConfig, GPTModel
+from minigpt.config import GPTConfig
+from minigpt.model import GPTModel
 
 
 def random_hf_gpt2(n_layer: int = 2, n_head: int = 4, n_embd: int = 32, vocab: int = 100,

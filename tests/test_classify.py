@@ -11,10 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt import GPTModel, get_preset
-from minigpt.checkpoint import save_model
-from minigpt.classify import (GPTClassifier, encode_texts, evaluate_dataset, freeze, load_classifier, main,
-                              make_dataset, predict, read_examples, resolve_checkpoint, sort_labels)
-from minigpt.data import DataError
+from minigpt.checkpoint import load_classifier, save_model
+from minigpt.classifier import (GPTClassifier, encode_texts, evaluate_dataset, freeze, make_dataset, predict,
+                                read_examples, sort_labels)
+from minigpt.cli.classify import main, resolve_checkpoint
+from minigpt.errors import DataError
 
 WORDS = "the a cat dog sat on mat ran past every effort moves you while house tree green small big slowly".split()
 

@@ -1,14 +1,15 @@
 import pytest
 
-from minigpt import GPTConfig, GPTModel, get_preset
-from minigpt.config import PRESETS
+from minigpt.config import PRESETS, GPTConfig, get_preset
+from minigpt.errors import ConfigError
+from minigpt.model import GPTModel
 
 
 def test_defaults_are_the_tutorial_124m_config():
     cfg = GPTConfig()
     assert (cfg.vocab_size, cfg.context_length, cfg.emb_dim, cfg.n_heads, cfg.n_layers) == (50257, 1024, 768, 12, 12)
     assert cfg.drop_rate == 0.1 and cfg.qkv_bias is False and cfg.tie_weights is False
-    assert cfg.attention == "sdpa" and cfg.init == "gpt2"
+    assert cfg.arithmetic == "fast" and cfg.init == "gpt2"
 
 
 def test_from_dict_accepts_ctx_len_and_rejects_unknown_keys():
@@ -20,6 +21,18 @@ def test_from_dict_accepts_ctx_len_and_rejects_unknown_keys():
     with pytest.raises(ValueError, match="ctx_len=256 and context_length=512"):
         GPTConfig.from_dict({"ctx_len": 256, "context_length": 512})
     assert GPTConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("legacy,arithmetic", [("sdpa", "fast"), ("reference", "tutorial")])
+def test_from_dict_maps_the_legacy_attention_key(legacy, arithmetic):
+    # Configs saved before `arithmetic` existed name it `attention`.
+    assert GPTConfig.from_dict({"attention": legacy}).arithmetic == arithmetic
+    assert GPTConfig.from_dict({"attention": legacy, "arithmetic": arithmetic}).arithmetic == arithmetic
+    with pytest.raises(ConfigError, match="attention must be one of"):
+        GPTConfig.from_dict({"attention": "flash"})
+    other = "tutorial" if arithmetic == "fast" else "fast"
+    with pytest.raises(ConfigError, match="both attention"):
+        GPTConfig.from_dict({"attention": legacy, "arithmetic": other})
 
 
 @pytest.mark.parametrize("alias,full,dims", [
@@ -48,12 +61,13 @@ def test_unknown_preset_lists_choices():
     ("context_length", 2.5, "context_length must be a positive integer, got 2.5"),
     ("drop_rate", 1.0, "drop_rate must be in \\[0, 1\\), got 1.0"),
     ("drop_rate", -0.1, "drop_rate must be in \\[0, 1\\), got -0.1"),
-    ("attention", "flash", "attention must be one of"),
+    ("arithmetic", "flash", "arithmetic must be one of"),
     ("init", "xavier", "init must be one of"),
 ])
 def test_invalid_values_name_field_and_value(field, value, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):  # a ValueError
         GPTConfig(**{field: value})
+    assert issubclass(ConfigError, ValueError)
 
 
 def test_model_accepts_config_dict_or_preset_name():

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from minigpt import data
+from minigpt import data, documents, token_cache
 from minigpt.data import (
     DataError,
     GPTDatasetV1,
@@ -246,7 +246,7 @@ def test_text_is_read_as_open_reads_it(tmp_path):
     ("latin1.txt", b"caf\xc3\xa9\nna\xefve\n", r"latin1\.txt: not valid UTF-8 at byte 8 \(line 2"),
     ("latin1.csv", b"TEXT\nok\ncaf\xe9\n", r"latin1\.csv: not valid UTF-8 at byte 11 \(line 3"),
     ("latin1.jsonl", b'{"text": "ok"}\n{"text": "\xff"}\n', r"latin1\.jsonl: not valid UTF-8 at byte 25 \(line 2"),
-    ("notes.csv", "HADM_ID,BODY\n1,x\n", r"no text column given and none is named 'text'; its columns are: "
+    ("notes.csv", "HADM_ID,BODY\n1,x\n", r"no column named 'text'; its columns are: "
                                          r"HADM_ID, BODY \(choose one with --text-column\)"),
     ("short.csv", "ID,TEXT\n1,a\n2\n", r"short\.csv: line 3 has 1 fields, no column 'TEXT'"),
     ("bad.jsonl", '{"text": "a"}\n{"text": \n', r"bad\.jsonl: line 2 is not valid JSON"),
@@ -292,14 +292,14 @@ def test_load_token_ids_joins_documents_with_eos(tokenizer, tmp_path):
 def test_large_text_is_tokenized_in_pieces_to_the_same_ids(tokenizer, tmp_path, monkeypatch):
     """Pieces cut before a newline that follows a non-space character, in many small batches,
     give exactly the ids of the whole text, whatever its whitespace."""
-    monkeypatch.setattr(data, "_PIECE_CHARS", 40)
-    monkeypatch.setattr(data, "_BATCH_CHARS", 200)
+    monkeypatch.setattr(documents, "_PIECE_CHARS", 40)
+    monkeypatch.setattr(token_cache, "_BATCH_CHARS", 200)
     rng = np.random.default_rng(0)
     atoms = np.array(["word", " Word", "  ", "\n", "\n\n", "\t", " \n", "\r\n", "'s", "42", ".", "é", "\u00a0",
                       "<|endoftext|>"])
     text = "".join(rng.choice(atoms, size=5000))
     path = write(tmp_path / "big.txt", text)
-    assert len(list(data._txt_pieces(path))) > 50
+    assert len(list(documents._txt_pieces(path))) > 50
     ids = load_token_ids(path, tokenizer)
     assert ids.tolist() == tokenizer.encode(path.read_text(encoding="utf-8"), allowed_special="all")
 
@@ -314,8 +314,8 @@ def test_the_cache_is_reused_and_rebuilt_when_the_source_changes(tokenizer, tmp_
     assert header["tokenizer"] == "gpt2"
 
     tokenized = []
-    real_encode = data._encode
-    monkeypatch.setattr(data, "_encode", lambda *a: tokenized.append(1) or real_encode(*a))
+    real_encode = token_cache._encode
+    monkeypatch.setattr(token_cache, "_encode", lambda *a: tokenized.append(1) or real_encode(*a))
     assert load_token_ids(path, tokenizer).tolist() == first.tolist() and tokenized == []
     os.utime(path, ns=(1, 1))  # touched: same bytes, new mtime -> still reused
     load_token_ids(path, tokenizer)
@@ -347,8 +347,8 @@ def test_the_cache_of_a_directory_or_csv_follows_its_inputs_and_settings(tokeniz
 def test_the_cache_falls_back_to_the_user_cache_dir(tokenizer, tmp_path, monkeypatch):
     source = write(tmp_path / "ro" / "story.txt", STORY)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    writable = data._writable
-    monkeypatch.setattr(data, "_writable", lambda d: d != source.parent and writable(d))  # read-only disk
+    writable = token_cache._writable
+    monkeypatch.setattr(token_cache, "_writable", lambda d: d != source.parent and writable(d))  # read-only disk
     ids = load_token_ids(source, tokenizer)
     assert ids.tolist() == tokenizer.encode(STORY)
     cached = list((tmp_path / "xdg" / "minigpt").glob("*-story.txt.tokens.*"))

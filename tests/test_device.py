@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from minigpt import resolve_device
-from minigpt.device import to_device, use_fast_matmul
+from minigpt.device import DTYPES, resolve_device, to_device, use_fast_matmul
 
 
 def test_cpu_and_auto():
@@ -70,3 +69,7 @@ def test_to_device_pins_and_copies_without_blocking_only_for_cuda(monkeypatch):
     assert torch.equal(to_device(torch.arange(4), torch.device("cpu")), torch.arange(4))
     to_device(t, torch.device("cpu"))
     assert calls == [("to", (torch.device("cpu"),), {})]
+
+
+def test_dtypes_are_the_commands_choices():
+    assert DTYPES == {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

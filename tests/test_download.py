@@ -3,61 +3,21 @@
 from __future__ import annotations
 
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from http_server import serving
 
+from minigpt.files import fetch
 from minigpt.weights import DownloadError, default_models_dir, download_gpt2_files, openai_model_size
-from minigpt.weights.download import GPT2_FILES, download_file
+from minigpt.weights.download import GPT2_FILES
 
 DATA = "model.ckpt.data-00000-of-00001"
 
 
-class Handler(BaseHTTPRequestHandler):
-    """Serves `server.files`, with HTTP Range support and injectable faults."""
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        srv = self.server
-        srv.requests.append((self.path, self.headers.get("Range")))
-        data = srv.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        start = 0
-        if self.headers.get("Range") and not srv.ignore_range:
-            start = int(self.headers["Range"].removeprefix("bytes=").rstrip("-"))
-            if start >= len(data):
-                self.send_error(416)
-                return
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        # A fault sends half the announced body and hangs up, as a dropped connection does.
-        if self.path in srv.cut_always or self.path in srv.cut_once:
-            srv.cut_once.discard(self.path)
-            body = body[: len(body) // 2]
-        self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
 @pytest.fixture
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    srv.files, srv.requests = {}, []
-    srv.cut_once, srv.cut_always, srv.ignore_range = set(), set(), False
-    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
+    with serving() as srv:
+        yield srv
 
 
 def publish(srv, prefix: str = "/models") -> dict[str, bytes]:
@@ -101,10 +61,10 @@ def test_interrupted_run_keeps_only_the_part_file_then_resumes(server, tmp_path)
     url, dest = f"{server.url}/models/124M/{DATA}", tmp_path / DATA
     server.cut_once.add(f"/models/124M/{DATA}")
     with pytest.raises(DownloadError, match="run again to resume"):
-        download_file(url, dest, attempts=1)
+        fetch(url, dest, attempts=1)
     assert not dest.exists()
     assert (tmp_path / (DATA + ".part")).stat().st_size == len(data) // 2
-    download_file(url, dest)
+    fetch(url, dest)
     assert dest.read_bytes() == data
     assert server.requests[-1][1] == f"bytes={len(data) // 2}-"
 
@@ -113,14 +73,14 @@ def test_server_without_range_support_restarts(server, tmp_path):
     data = publish(server)[DATA]
     server.ignore_range = True
     (tmp_path / (DATA + ".part")).write_bytes(data[:1000])
-    download_file(f"{server.url}/models/124M/{DATA}", tmp_path / DATA)
+    fetch(f"{server.url}/models/124M/{DATA}", tmp_path / DATA)
     assert (tmp_path / DATA).read_bytes() == data
 
 
 def test_part_file_longer_than_the_file_restarts(server, tmp_path):
     data = publish(server)[DATA]
     (tmp_path / (DATA + ".part")).write_bytes(data + b"junk")
-    download_file(f"{server.url}/models/124M/{DATA}", tmp_path / DATA)
+    fetch(f"{server.url}/models/124M/{DATA}", tmp_path / DATA)
     assert (tmp_path / DATA).read_bytes() == data
 
 

@@ -9,20 +9,23 @@ import pytest
 import torch
 
 from minigpt import EOS_ID, GPTConfig, GPTModel, KVCache
-from minigpt import generate as generate_module
-from minigpt.checkpoint import save_model
-from minigpt.generate import (
-    decode_pieces,
-    filter_logits,
-    generate,
+from minigpt.backends import optimize_for_cpu
+from minigpt.book import (
     generate_greedy_text,
     generate_next_greedy_token,
     generate_text_simple,
-    generate_tokens,
-    main,
     print_sampled_tokens,
-    sample_next_token,
     softmax_with_temperature,
+)
+from minigpt.checkpoint import save_model
+from minigpt.cli.generate import main
+from minigpt.generation import (
+    SamplingConfig,
+    decode_pieces,
+    filter_logits,
+    generate,
+    generate_tokens,
+    sample_next_token,
     stream,
 )
 from tests.hf_utils import copy_hf_into_minigpt, random_hf_gpt2
@@ -82,9 +85,9 @@ def test_ragged_batch_equals_hf_left_padded_generate(hf_model, model):
 # --- KV cache and padding in the model ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "reference"])
-def test_cached_logits_match_full_forward(hf_model, attention):
-    model = copy_hf_into_minigpt(hf_model, attention=attention)
+@pytest.mark.parametrize("arithmetic", ["fast", "tutorial"])
+def test_cached_logits_match_full_forward(hf_model, arithmetic):
+    model = copy_hf_into_minigpt(hf_model, arithmetic=arithmetic)
     idx = torch.randint(0, 100, (2, 20))
     with torch.no_grad():
         full = model(idx)
@@ -98,9 +101,9 @@ def test_cached_logits_match_full_forward(hf_model, attention):
     torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "reference"])
-def test_left_padded_rows_get_their_own_logits(hf_model, attention):
-    model = copy_hf_into_minigpt(hf_model, attention=attention)
+@pytest.mark.parametrize("arithmetic", ["fast", "tutorial"])
+def test_left_padded_rows_get_their_own_logits(hf_model, arithmetic):
+    model = copy_hf_into_minigpt(hf_model, arithmetic=arithmetic)
     rows = [torch.randint(0, 100, (n,)) for n in (9, 4, 1)]
     padded = torch.stack([torch.cat([torch.full((9 - len(r),), 7), r]) for r in rows])
     left_pad = torch.tensor([0, 5, 8])
@@ -178,24 +181,17 @@ def test_bfloat16(hf_model, device):
 
 @pytest.mark.parametrize("batch", [1, 4])  # float32: plain weights for 1 row, reordered ones for 4
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_packed_cpu_linears_give_the_plain_results_and_are_switched_off_after(hf_model, dtype, batch,
-                                                                              monkeypatch):
-    model = copy_hf_into_minigpt(hf_model).to(dtype)
-    packed = generate_module.pack_linears(model, batch_size=batch)
-    if not packed:
-        pytest.skip("oneDNN weight packing is not available here")
-    assert len(packed) == 6 * 2 + 1  # q, k, v, out_proj and the 2 MLP layers of 2 blocks, and the head
-    shares = [w.layout == torch.strided and w.data_ptr() == m.weight.data_ptr() for m, w in packed.items()]
-    assert all(shares) if dtype == torch.float32 and batch == 1 else not any(shares)
+def test_cpu_backend_decodes_the_plain_tokens_and_the_model_trains_after(hf_model, dtype, batch):
+    plain = copy_hf_into_minigpt(hf_model).to(dtype)
+    model = optimize_for_cpu(copy_hf_into_minigpt(hf_model).to(dtype))
     idx = torch.randint(0, 100, (batch, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        plain = model(idx)
-        with generate_module._packed(packed):
+        expected = plain(idx)
+        with model.decoding(batch):
             fast = model(idx)
-    torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4 if dtype == torch.float32 else 0.05)
+    torch.testing.assert_close(fast, expected, rtol=0, atol=1e-4 if dtype == torch.float32 else 0.05)
     out = generate(model, idx, 20)
-    monkeypatch.setattr(generate_module, "pack_linears", lambda m, b: {})
-    assert torch.equal(out, generate(model, idx, 20))
+    assert torch.equal(out, generate(plain, idx, 20))
     # Nothing stays patched: the model trains as before.
     assert not any("forward" in vars(m) for m in model.modules())
     model(idx).float().sum().backward()
@@ -619,3 +615,26 @@ def test_print_sampled_tokens_prints_the_documents_counts(capsys):
         assert capsys.readouterr().out.splitlines() == lines
     print_sampled_tokens(torch.tensor([0.0, 1.0]), num_samples=5)  # no vocabulary: the ids
     assert capsys.readouterr().out.splitlines() == ["0 x 0", "5 x 1"]
+
+
+# --- the options as one SamplingConfig, and the package's names -------------------------------------
+
+
+def test_sampling_config_gives_the_keyword_arguments_tokens(model):
+    idx = torch.tensor([[5, 17, 42, 8]])
+    sampling = SamplingConfig(temperature=1.0, top_k=20, generator=123)
+    steps = torch.stack(list(generate_tokens(model, idx, 10, sampling=sampling)), dim=1)
+    assert torch.equal(steps, generate(model, idx, 10, temperature=1.0, top_k=20, generator=123)[:, 4:])
+    assert sampling.generator == 123  # the caller's config is left as it was
+    greedy = list(generate_tokens(model, idx, 5, sampling=sampling, temperature=0.0))  # options override it
+    assert torch.equal(torch.stack(greedy, dim=1), generate(model, idx, 5)[:, 4:])
+
+
+@pytest.mark.parametrize("module", ["minigpt.cli.generate", "minigpt.generation", "minigpt.classifier",
+                                    "minigpt.inspection"])
+def test_from_minigpt_import_generate_gives_the_function(module):
+    code = (f"import importlib; importlib.import_module({module!r}); from minigpt import generate; "
+            "print(callable(generate) and generate.__module__)")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert out.stdout.strip() == "minigpt.generation"

@@ -7,11 +7,11 @@ import torch
 
 from minigpt import GPTConfig, GPTModel
 from minigpt.checkpoint import save_model
-from minigpt.inspect import (
+from minigpt.cli.inspect import main
+from minigpt.inspection import (
     attention_maps,
     hidden_state_names,
     hidden_states,
-    main,
     nearest_neighbors,
     query_key_value,
     summary,
@@ -108,9 +108,9 @@ def test_attention_rows_sum_to_one_and_are_causal(tiny_cfg):
     torch.testing.assert_close(attention_maps(model, idx[0], layer=1), weights)  # (tokens,) works too
 
 
-def test_attention_weights_reproduce_the_sdpa_attention_output(tiny_cfg):
+def test_attention_weights_reproduce_the_fast_attention_output(tiny_cfg):
     model = GPTModel(tiny_cfg).eval()
-    assert model.cfg.attention == "sdpa"
+    assert model.cfg.arithmetic == "fast"
     idx = torch.randint(0, tiny_cfg.vocab_size, (1, 11))
     block = model.trf_blocks[1]
 
@@ -218,17 +218,16 @@ def test_cli_attention_pictures_named_in_output(checkpoint, capsys, tmp_path):
     (["attention", TEXT, "--head", "-1"], "error: head -1 does not exist"),
     (["hidden-states", " x" * 20], "error: sequence of 20 tokens is longer than context_length 16"),
 ])
-def test_cli_bad_input_is_one_clear_error(checkpoint, argv, message):
+def test_cli_bad_input_is_one_clear_error(checkpoint, argv, message, capsys):
     _, path = checkpoint
-    with pytest.raises(SystemExit) as exc:
-        main([*argv, "--checkpoint", str(path), "--device", "cpu"])
-    assert str(exc.value.code).startswith(message)
+    assert main([*argv, "--checkpoint", str(path), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1, err
 
 
 def test_cli_missing_checkpoint_and_bad_k(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(["summary", "--checkpoint", str(tmp_path / "nope")])
-    assert str(exc.value.code) == f"error: {tmp_path / 'nope'}: no such checkpoint directory"
+    assert main(["summary", "--checkpoint", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nope'}: no such checkpoint directory\n"
     with pytest.raises(SystemExit) as exc:
         main(["neighbors", "hospital", "--k", "0", "--preset", "tiny"])
     assert exc.value.code == 2
@@ -238,7 +237,7 @@ def test_cli_missing_checkpoint_and_bad_k(tmp_path, capsys):
 def test_cli_pretrained_goes_through_minigpt_weights(monkeypatch, capsys, tiny_cfg):
     requested = []
 
-    def from_pretrained(name):
+    def from_pretrained(name, **options):
         requested.append(name)
         return GPTModel(tiny_cfg)
 
@@ -248,6 +247,5 @@ def test_cli_pretrained_goes_through_minigpt_weights(monkeypatch, capsys, tiny_c
     assert f"total parameters: {GPTModel(tiny_cfg).num_parameters():,}" in out
 
     monkeypatch.setitem(sys.modules, "minigpt.weights", None)  # as if the module did not exist
-    with pytest.raises(SystemExit) as exc:
-        main(["summary", "--pretrained", "gpt2"])
-    assert str(exc.value.code) == "error: --pretrained needs minigpt.weights, which this installation lacks"
+    assert main(["summary", "--pretrained", "gpt2"]) == 2
+    assert capsys.readouterr().err == "error: --pretrained needs minigpt.weights, which this installation lacks\n"

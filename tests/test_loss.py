@@ -4,9 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minigpt import GPTModel, calc_loss_batch, calc_loss_loader, perplexity
-import minigpt.loss
-from minigpt.loss import linear_cross_entropy
+from minigpt.backends import cpu
+from minigpt.book import calc_loss_batch, calc_loss_loader
+from minigpt.loss import HeadProducts, linear_cross_entropy, perplexity
+from minigpt.model import GPTModel
 
 
 def test_calc_loss_batch_is_mean_next_token_cross_entropy(tiny_cfg):
@@ -39,9 +40,12 @@ def test_perplexity():
     assert perplexity(loss).item() == pytest.approx(10.0)
 
 
+@pytest.mark.parametrize("products", [HeadProducts(), cpu.CpuHeadProducts()], ids=["plain", "cpu"])
 @pytest.mark.parametrize("autocast, native_bf16", [(False, True), (True, True), (True, False)])
-def test_linear_cross_entropy_matches_logits_then_cross_entropy(autocast, native_bf16, monkeypatch):
-    monkeypatch.setattr(minigpt.loss, "cpu_has_bf16_arithmetic", lambda: native_bf16)
+def test_linear_cross_entropy_matches_logits_then_cross_entropy(autocast, native_bf16, products, monkeypatch):
+    monkeypatch.setattr(cpu, "_bf16_emulated_here", lambda: not native_bf16)
+    if not native_bf16 and type(products) is HeadProducts:
+        native_bf16 = True  # the plain products know nothing of the CPU: autocast's dtype, as F.linear
     gen = torch.Generator().manual_seed(0)
     hidden = torch.randn(300, 64, generator=gen, requires_grad=True)
     weight = (0.3 * torch.randn(1000, 64, generator=gen)).requires_grad_()
@@ -50,7 +54,7 @@ def test_linear_cross_entropy_matches_logits_then_cross_entropy(autocast, native
     grads = []
     # Under autocast both multiply in bfloat16 (as F.linear would) and take the softmax in float32.
     for fn in (lambda: F.cross_entropy((hidden @ weight.t()).float(), targets),
-               lambda: linear_cross_entropy(hidden, weight, targets, chunk_rows=64)):  # 5 chunks
+               lambda: linear_cross_entropy(hidden, weight, targets, chunk_rows=64, products=products)):  # 5 chunks
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=in_bf16):
             loss = fn()
         assert loss.dtype == torch.float32
@@ -58,7 +62,7 @@ def test_linear_cross_entropy_matches_logits_then_cross_entropy(autocast, native
         grads.append((loss.detach(), hidden.grad, weight.grad))
         hidden.grad = weight.grad = None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # emulated: float32, as without
-        got_again = linear_cross_entropy(hidden, weight, targets, chunk_rows=64)
+        got_again = linear_cross_entropy(hidden, weight, targets, chunk_rows=64, products=products)
     (ref, ref_h, ref_w), (got, got_h, got_w) = grads
     tol = {"rtol": 1e-2, "atol": 5e-4} if in_bf16 else {"rtol": 1e-5, "atol": 1e-6}
     torch.testing.assert_close(got, ref, **tol)

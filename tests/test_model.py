@@ -3,7 +3,10 @@ import math
 import pytest
 import torch
 
-from minigpt import FeedForward, GPTConfig, GPTModel, KVCache, MultiHeadAttention, TransformerBlock, calc_loss_batch
+from minigpt.book import calc_loss_batch
+from minigpt.config import GPTConfig
+from minigpt.errors import ConfigError
+from minigpt.model import FeedForward, GPTModel, KVCache, MultiHeadAttention, TransformerBlock, crop_context
 from tests.tutorial_model import TutorialGPT
 
 TUTORIAL_CFG = {"vocab_size": 100, "ctx_len": 16, "emb_dim": 32, "n_heads": 4, "n_layers": 2,
@@ -21,7 +24,7 @@ def test_torch_init_reproduces_the_tutorial_weights_draw_for_draw():
     torch.manual_seed(123)
     tutorial = TutorialGPT(TUTORIAL_CFG)
     torch.manual_seed(123)
-    ours = GPTModel({**TUTORIAL_CFG, "init": "torch", "attention": "reference"})
+    ours = GPTModel({**TUTORIAL_CFG, "init": "torch", "arithmetic": "tutorial"})
     for name, tensor in ours.state_dict().items():
         assert torch.equal(tensor, tutorial.state_dict()[name]), name
     # ... and the same dropout draws: train-mode outputs agree bit for bit.
@@ -68,18 +71,18 @@ def test_gpt2_init_statistics():
     assert torch.all(block.norm1.scale == 1) and torch.all(block.norm1.shift == 0)
 
 
-def test_sdpa_and_reference_attention_agree(tiny_cfg):
+def test_fast_and_tutorial_arithmetic_agree(tiny_cfg):
     model = GPTModel(tiny_cfg).eval()
-    reference = GPTModel(tiny_cfg.replace(attention="reference")).eval()
+    reference = GPTModel(tiny_cfg.replace(arithmetic="tutorial")).eval()
     reference.load_state_dict(model.state_dict())
     for n in (1, 5, tiny_cfg.context_length):
         idx = torch.randint(0, tiny_cfg.vocab_size, (2, n))
         torch.testing.assert_close(model(idx), reference(idx), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "reference"])
-def test_causality(tiny_cfg, attention):
-    model = GPTModel(tiny_cfg.replace(attention=attention)).eval()
+@pytest.mark.parametrize("arithmetic", ["fast", "tutorial"])
+def test_causality(tiny_cfg, arithmetic):
+    model = GPTModel(tiny_cfg.replace(arithmetic=arithmetic)).eval()
     idx = torch.randint(0, tiny_cfg.vocab_size, (1, 12))
     changed = idx.clone()
     changed[0, 7] = (idx[0, 7] + 1) % tiny_cfg.vocab_size
@@ -125,19 +128,33 @@ def test_parameter_counts_match_the_tutorial():
 @pytest.mark.parametrize("idx,error,message", [
     (torch.zeros(1, 17, dtype=torch.long), ValueError, "17 tokens is longer than context_length 16"),
     (torch.zeros(1, 4), TypeError, "integer tensor, got dtype torch.float32"),
-    (torch.tensor([[1, 2, 100]]), ValueError, "token id 100 is outside the vocabulary \\[0, 100\\)"),
-    (torch.tensor([[1, -1]]), ValueError, "token id -1 is outside"),
     (torch.zeros(4, dtype=torch.long), ValueError, "shape \\(batch, tokens\\), got \\(4,\\)"),
     (torch.zeros(2, 0, dtype=torch.long), ValueError, "empty sequence"),
 ])
 def test_bad_input_ids(tiny_cfg, idx, error, message):
+    model = GPTModel(tiny_cfg)
     with pytest.raises(error, match=message):
-        GPTModel(tiny_cfg)(idx)
+        model(idx)
+    with pytest.raises(error, match=message):  # the prompt check includes the forward's
+        model.check_token_ids(idx)
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "reference"])
-def test_kv_cache_matches_full_forward(tiny_cfg, attention):
-    model = GPTModel(tiny_cfg.replace(attention=attention)).eval()
+@pytest.mark.parametrize("idx,message", [
+    (torch.tensor([[1, 2, 100]]), "token id 100 is outside the vocabulary \\[0, 100\\)"),
+    (torch.tensor([[1, -1]]), "token id -1 is outside"),
+])
+def test_token_ids_outside_the_vocabulary(tiny_cfg, idx, message):
+    # Checked on the prompts (generation, the commands), not on every forward: reading ids is a host sync.
+    model = GPTModel(tiny_cfg)
+    with pytest.raises(ValueError, match=message):
+        model.check_token_ids(idx)
+    model.check_input(idx)
+    model.check_token_ids(torch.tensor([[0, 99]]))
+
+
+@pytest.mark.parametrize("arithmetic", ["fast", "tutorial"])
+def test_kv_cache_matches_full_forward(tiny_cfg, arithmetic):
+    model = GPTModel(tiny_cfg.replace(arithmetic=arithmetic)).eval()
     idx = torch.randint(0, 100, (2, 12))
     full = model(idx)
     cache = KVCache(tiny_cfg, batch_size=2)
@@ -148,3 +165,33 @@ def test_kv_cache_matches_full_forward(tiny_cfg, attention):
     assert cache.length == 12
     with pytest.raises(ValueError, match="longer than context_length"):
         model(torch.zeros(2, 5, dtype=torch.long), cache)
+
+
+def test_crop_context_keeps_the_first_positions(tiny_cfg):
+    model = GPTModel(tiny_cfg).eval()
+    idx = torch.randint(0, 100, (2, 8))
+    full = model(idx)
+    pos = model.pos_emb.weight.detach().clone()
+    crop_context(model, 8)
+    assert model.cfg.context_length == 8 and model.trf_blocks[0].att.context_length == 8
+    assert torch.equal(model.pos_emb.weight, pos[:8]) and model.pos_emb.num_embeddings == 8
+    torch.testing.assert_close(model(idx), full, rtol=0, atol=0)
+    with pytest.raises(ConfigError, match="context length 9 exceeds the model's 8"):
+        crop_context(model, 9)
+    with pytest.raises(ValueError, match="longer than context_length 8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_decoding_hook_is_a_reusable_no_op(tiny_cfg):
+    model = GPTModel(tiny_cfg).eval()
+    idx = torch.randint(0, 100, (1, 5))
+    decoding = model.decoding(1)
+    with torch.no_grad():
+        for _ in range(2):  # generation enters it once per step
+            with decoding:
+                assert torch.equal(model(idx), model(idx))
+
+
+def test_modules_validate_their_arithmetic():
+    with pytest.raises(ConfigError, match="arithmetic must be one of"):
+        MultiHeadAttention(8, 8, 4, arithmetic="reference")

@@ -3,6 +3,7 @@ import tiktoken
 import torch
 
 from minigpt import EOS_ID, text_to_token_ids, token_ids_to_text
+from minigpt.errors import DownloadError
 from minigpt.tokenizer import get_tokenizer
 
 
@@ -58,7 +59,7 @@ def test_offline_error_names_the_cache_variable(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR"):
+    with pytest.raises(DownloadError, match="TIKTOKEN_CACHE_DIR"):
         get_tokenizer()
 
 

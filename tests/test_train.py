@@ -13,8 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt import GPTModel
-from minigpt.checkpoint import CheckpointError, load_model
-from minigpt.train import TrainConfig, configure_optimizer, lr_at, main, train_model_simple
+from minigpt.book import train_model_simple
+from minigpt.checkpoint import load_model
+from minigpt.cli.train import main
+from minigpt.errors import CheckpointError
+from minigpt.training import LanguageModelTask, TrainConfig, configure_optimizer, lr_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,9 +108,7 @@ def test_truncated_checkpoint_is_a_clear_error(corpus, tmp_path, capsys):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path, monkeypatch, capsys):
-    import minigpt.train as train_mod
-
-    real = train_mod.LanguageModelTask.loss
+    real = LanguageModelTask.loss
     calls = {"n": 0}
 
     def exploding(self, model, batch, device):
@@ -118,7 +119,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
                 return loss * float("nan")
         return loss
 
-    monkeypatch.setattr(train_mod.LanguageModelTask, "loss", exploding)
+    monkeypatch.setattr(LanguageModelTask, "loss", exploding)
     out = tmp_path / "run"
     assert main(tiny_args(corpus, out, "--max-steps", "10", "--save-interval", "2")) == 2
     err = capsys.readouterr().err
@@ -132,9 +133,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
 def test_bf16_training_runs_and_warns_where_the_cpu_emulates_bf16(corpus, tmp_path, monkeypatch, native):
     import warnings
 
-    import minigpt.train as train_mod
+    import minigpt.training.precision as precision
 
-    monkeypatch.setattr(train_mod, "cpu_has_bf16_arithmetic", lambda: native)
+    monkeypatch.setattr(precision, "cpu_has_bf16_arithmetic", lambda: native)
     out = tmp_path / "run"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -225,7 +226,7 @@ def test_train_model_simple_returns_the_tutorials_lists(tiny_cfg, tokenizer, cap
 
 
 def test_cli_defaults_are_the_chapter5_setup():
-    from minigpt.train import build_parser, model_config
+    from minigpt.cli.train import build_parser, model_config
 
     args = build_parser().parse_args([])
     cfg = model_config(args)
@@ -248,3 +249,29 @@ def test_compiled_training_gives_the_plain_losses(corpus, tmp_path):
     plain, compiled = final_losses(tmp_path / "plain"), final_losses(tmp_path / "compiled", "--compile")
     assert len(plain) == len(compiled) > 1
     torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-4)
+
+
+def test_attention_flag_is_the_old_name_of_arithmetic():
+    from minigpt.cli.train import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["--attention", "reference"]).arithmetic == "tutorial"
+    assert parse(["--attention", "sdpa"]).arithmetic == "fast"
+    assert parse(["--arithmetic", "tutorial"]).arithmetic == "tutorial" and parse([]).arithmetic is None
+
+
+def test_a_checkpoint_of_the_old_format_resumes(corpus, tmp_path):
+    """Checkpoints written before `attention` became `arithmetic`, with trainer.pt's `args` entry."""
+    out = tmp_path / "run"
+    assert main(tiny_args(corpus, out, "--max-steps", "2", "--attention", "reference")) == 0
+    (ckpt,) = (out / "checkpoints").iterdir()
+    config = json.loads((ckpt / "config.json").read_text())
+    config["config"]["attention"] = {"tutorial": "reference"}[config["config"].pop("arithmetic")]
+    train_args = config["train_args"]
+    train_args["attention"] = {"tutorial": "reference"}[train_args.pop("arithmetic")]
+    (ckpt / "config.json").write_text(json.dumps(config))
+    trainer = torch.load(ckpt / "trainer.pt", weights_only=True)
+    torch.save({**trainer, "args": train_args}, ckpt / "trainer.pt")
+    assert main(["--resume", "latest", "--out-dir", str(out), "--max-steps", "3", "--no-progress"]) == 0
+    resumed = json.loads((out / "checkpoints" / "step-000003" / "config.json").read_text())
+    assert resumed["config"]["arithmetic"] == resumed["train_args"]["arithmetic"] == "tutorial"

@@ -1,6 +1,7 @@
 """Pretrained weights: OpenAI's GPT-2 checkpoints, Hugging Face files, and `from_pretrained`."""
 
-from .download import DownloadError, default_models_dir, download_gpt2_files, openai_model_size
+from ..errors import DownloadError
+from .download import default_models_dir, download_gpt2_files, openai_model_size
 from .hf import load_hf, save_hf
 from .layout import assign, load_weights_into_gpt
 from .openai import download_and_load_gpt2, load_openai

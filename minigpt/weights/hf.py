@@ -22,12 +22,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import CheckpointError, atomic_dir
+from ..checkpoint import CONFIG_FILE
 from ..config import GPTConfig
+from ..errors import CheckpointError
+from ..files import atomic_dir
 from ..model import GPTModel
 from .layout import HEAD, check_config, gpt2_targets, gpt2_tensors, load_gpt2_tensors
 
-CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"

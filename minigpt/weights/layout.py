@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError
+from ..errors import CheckpointError
 from ..config import GPTConfig
 
 # GPT-2 name inside block `h{i}` -> GPTModel name inside `trf_blocks.{i}`.

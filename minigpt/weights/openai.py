@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from ..checkpoint import CheckpointError
 from ..config import GPTConfig
+from ..errors import CheckpointError, MissingExtra, require
 from ..model import GPTModel
 from .download import download_gpt2_files
 from .layout import check_config, load_gpt2_tensors, nest_params
@@ -32,16 +32,13 @@ INDEX_FILE = "model.ckpt.index"
 
 
 def import_tensorflow() -> Any:
-    """`tensorflow`, or an ImportError that says how to install it."""
+    """`tensorflow`, or a `MissingExtra` naming the extra to install and the way around it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter
     try:
-        import tensorflow as tf
-    except ImportError as e:
-        raise ImportError(
-            "reading OpenAI's TensorFlow checkpoints needs TensorFlow: pip install 'minigpt[openai]'. "
-            "Or convert the checkpoint once where TensorFlow is installed: "
-            "python -m minigpt.convert --from openai SRC --to minigpt DST") from e
-    return tf
+        return require("tensorflow", "openai", "reading OpenAI's TensorFlow checkpoints")
+    except MissingExtra as e:
+        raise MissingExtra(f"{e}. Or convert the checkpoint once where TensorFlow is installed: "
+                           "python -m minigpt.convert --from openai SRC --to minigpt DST") from e.__cause__
 
 
 def hparams_to_config(settings: dict[str, Any]) -> GPTConfig:

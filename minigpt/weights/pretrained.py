@@ -9,8 +9,9 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import CONFIG_FILE, FORMAT, CheckpointError, load_model
+from ..checkpoint import CONFIG_FILE, FORMAT, load_model
 from ..device import resolve_device
+from ..errors import CheckpointError
 from ..model import GPTModel
 from .download import default_models_dir, download_gpt2_files, openai_model_size
 from .hf import load_hf

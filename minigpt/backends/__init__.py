@@ -1,0 +1,5 @@
+"""Device-specific speed-ups applied to a finished model; the model itself stays plain PyTorch."""
+
+from .cpu import cpu_has_bf16_arithmetic, keep_freed_memory, optimize_for_cpu
+
+__all__ = ["optimize_for_cpu", "cpu_has_bf16_arithmetic", "keep_freed_memory"]

@@ -1,0 +1,1 @@
+"""The command-line layer: one small module per `python -m minigpt.X` command, plus `common`."""

@@ -1,0 +1,84 @@
+"""Where a run's numbers go: `metrics.jsonl`, optionally TensorBoard or Weights & Biases, the progress bar."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, require
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+def _ignore(record: dict[str, Any]) -> None:
+    pass
+
+
+def make_reporter(report_to: str, out_dir: Path) -> Reporter:
+    """A callable taking each metrics record: TensorBoard, Weights & Biases, or nothing."""
+    if report_to == "none":
+        return _ignore
+    if report_to == "tensorboard":
+        require("tensorboard", "tensorboard", "--report-to tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(out_dir / "tensorboard"))
+
+        def to_tensorboard(record: dict[str, Any]) -> None:
+            for key in ("loss", "lr", "train_loss", "val_loss"):
+                if key in record:
+                    writer.add_scalar(key, record[key], record["step"])
+            writer.flush()
+        return to_tensorboard
+    if report_to == "wandb":
+        run = require("wandb", "wandb", "--report-to wandb").init(project="minigpt", dir=str(out_dir))
+        return lambda record: run.log({k: v for k, v in record.items()
+                                       if isinstance(v, (int, float)) and k != "step"}, step=record["step"])
+    raise ConfigError(f"unknown --report-to {report_to!r}; use none, tensorboard or wandb")
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metrics logged after `step` by the run being resumed (they will be logged again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+class MetricsLog:
+    """One JSON record per line in `path`, each also sent to the `report_to` service.
+    Disabled (`enabled=False`) on all ranks but the first, which alone writes."""
+
+    def __init__(self, path: Path, report_to: str, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+        self.reporter = make_reporter(report_to, path.parent) if enabled else _ignore
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+        self.reporter(record)
+
+
+class Progress:
+    """The steps' progress bar, showing the last loss, learning rate and tokens per second."""
+
+    def __init__(self, total: int, initial: int, tokens_seen: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
+        self.t0, self.tokens0 = time.perf_counter(), tokens_seen
+
+    def update(self, loss: float, lr: float, tokens_seen: int) -> None:
+        elapsed = time.perf_counter() - self.t0
+        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
+                             tok_s=f"{(tokens_seen - self.tokens0) / max(elapsed, 1e-9):.0f}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -1,0 +1,49 @@
+"""Numeric precision of a run: autocast, the float16 gradient scaler, TF32 on CUDA."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+from ..backends import cpu_has_bf16_arithmetic
+from ..device import DTYPES, use_fast_matmul
+from ..errors import ConfigError
+
+
+class Precision:
+    """Float32 weights; the forward and backward under autocast to `dtype` unless it is float32.
+
+    float16 needs CUDA for its gradient scaler; bfloat16 runs anywhere. Constructing one also
+    lets CUDA's float32 matmuls use TF32.
+    """
+
+    def __init__(self, dtype: str, device: torch.device) -> None:
+        self.device, self.dtype = device, DTYPES[dtype]
+        use_fast_matmul(device)
+        if self.dtype == torch.float16 and device.type != "cuda":
+            raise ConfigError("--dtype float16 needs CUDA (its gradient scaler); use bfloat16 on the CPU")
+        if self.dtype == torch.bfloat16 and device.type == "cpu" and not cpu_has_bf16_arithmetic():
+            warnings.warn("this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX): bfloat16 autocast "
+                          "multiplies in float32 here (minigpt.backends.cpu), so it saves memory but no time; "
+                          "--dtype float32 is as fast and more exact", stacklevel=3)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.dtype == torch.float16)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.scaler.scale(loss).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn.Parameter],
+             grad_clip: float | None) -> None:
+        """Clip the (unscaled) gradient norm if asked, then take the optimizer step."""
+        if grad_clip:
+            self.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
