@@ -6,6 +6,9 @@ import math
 
 import torch
 
+# Targets equal to this are not scored, as in `F.cross_entropy` (its default ignore_index): padding.
+IGNORE_INDEX = -100
+
 
 def perplexity(loss: float | torch.Tensor) -> float | torch.Tensor:
     """exp(loss): the effective number of tokens the model hesitates between."""
@@ -48,7 +51,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
                 chunk_rows: int, mm_dtype: torch.dtype, products: HeadProducts, need_grad: bool) -> torch.Tensor:
-        n = targets.numel()
+        ignored = targets == IGNORE_INDEX
+        masked = bool(ignored.any())  # one check per call; rows without a target add nothing
+        n = targets.numel() - int(ignored.sum()) if masked else targets.numel()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         vocab = weight.shape[0]
@@ -62,12 +67,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk_rows):
                 h, t = hidden[start:start + chunk_rows].to(mm_dtype), targets[start:start + chunk_rows]
+                keep = ~ignored[start:start + chunk_rows, None] if masked else None
+                t = t.masked_fill(~keep[:, 0], 0) if masked else t
                 log_probs = torch.log_softmax(products.mm_nt(h, w), dim=-1, dtype=torch.float32)
-                total -= log_probs.gather(1, t[:, None]).sum()
+                picked = log_probs.gather(1, t[:, None])
+                total -= (picked * keep).sum() if masked else picked.sum()
                 if need_grad:
                     # n * d loss / d logits = softmax - one_hot; backward applies the 1 / n.
                     grad = log_probs.exp_()
                     grad[torch.arange(len(t), device=t.device), t] -= 1.0
+                    if masked:
+                        grad.mul_(keep)
                     grad = grad_buf[:len(t), :vocab].copy_(grad)
                     grad_hidden[start:start + chunk_rows] = products.mm_nt(grad, w.t())
                     products.add_mm_nt_(grad_weight, grad.t(), h.t())
@@ -95,6 +105,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
                          chunk_rows: int | None = None, products: HeadProducts | None = None) -> torch.Tensor:
     """`F.cross_entropy(hidden @ weight.T, targets)` for (tokens, dim) hidden states and a
     (vocab, dim) output head, computed chunk by chunk so the logits never exist whole.
+
+    As there, targets equal to `IGNORE_INDEX` (-100) are not scored and the mean is over the
+    others (NaN if there are none).
 
     `chunk_rows` defaults to about 16M logits per chunk. The multiplies run in
     `products.mm_dtype(weight)`: the head's dtype, or autocast's when it is on (as `F.linear`

@@ -296,7 +296,7 @@ class GPTModel(nn.Module):
 
     def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None,
                 left_pad: torch.Tensor | None = None, last_only: bool = False,
-                targets: torch.Tensor | None = None) -> torch.Tensor:
+                targets: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (batch, tokens, vocab_size) for token ids (batch, tokens).
 
         With a `kv_cache`, `in_idx` continues the cached sequence and the cache is advanced.
@@ -306,8 +306,13 @@ class GPTModel(nn.Module):
         `last_only` computes the output head for the last position only (batch, 1, vocab):
         all that decoding needs, and the head is the largest matrix multiply.
         With `targets` (batch, tokens), return instead the mean cross-entropy of the next-token
-        predictions, computed without materialising the logits (`linear_cross_entropy`).
+        predictions, computed without materialising the logits (`linear_cross_entropy`):
+        `targets` are the tutorial's, already shifted (`targets[:, i]` is the token after
+        `in_idx[:, i]`). `labels` are Hugging Face's (`labels=input_ids`): the model shifts them,
+        scoring position i against `labels[:, i + 1]`. Either way -100 marks a token not scored.
         """
+        if targets is not None and labels is not None:
+            raise ValueError("give targets (already shifted, the tutorial's) or labels (Hugging Face's), not both")
         start = 0 if kv_cache is None else kv_cache.length
         self.check_input(in_idx, start)
         n = in_idx.shape[1]
@@ -326,8 +331,10 @@ class GPTModel(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = self.final_norm(x)
+        if labels is not None:
+            x, targets = x[:, :-1], labels[:, 1:]
         if targets is not None:
-            return linear_cross_entropy(x.flatten(0, 1), self.out_head.weight, targets.flatten(),
+            return linear_cross_entropy(x.reshape(-1, x.shape[-1]), self.out_head.weight, targets.reshape(-1),
                                         products=self.head_products)
         return self.out_head(x)
 

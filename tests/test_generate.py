@@ -638,3 +638,17 @@ def test_from_minigpt_import_generate_gives_the_function(module):
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "minigpt.generation"
+
+
+def test_cli_top_k_without_temperature_samples_and_greedy_with_them_is_refused(tmp_path, capsys):
+    from minigpt.cli.generate import main
+
+    base = ["--preset", "tiny", "--prompt", "Hello", "--max-new-tokens", "8", "--device", "cpu", "--seed", "1"]
+    outputs = []
+    for extra in ([], ["--top-k", "50"], ["--top-k", "50", "--temperature", "1"]):
+        assert main([*base, *extra]) == 0
+        outputs.append(capsys.readouterr().out)
+    greedy, sampled, sampled_t1 = outputs
+    assert sampled == sampled_t1 and sampled != greedy  # temperature 1 by default, not silently greedy
+    assert main([*base, "--top-p", "0.9", "--temperature", "0"]) == 2
+    assert "--temperature 0 is greedy and would ignore them" in capsys.readouterr().err

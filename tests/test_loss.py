@@ -114,3 +114,50 @@ def test_model_loss_with_targets_equals_calc_loss_batch(tiny_cfg, tie_weights):
         torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-7, msg=n)
     with torch.no_grad():  # evaluation: no gradients computed or kept
         torch.testing.assert_close(model(x, targets=y), expected.detach(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("products", [HeadProducts(), cpu.CpuHeadProducts()], ids=["plain", "cpu"])
+@pytest.mark.parametrize("n_ignored", [1, 37, 300])
+def test_linear_cross_entropy_ignores_minus_100_as_cross_entropy_does(n_ignored, products):
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(300, 32, generator=gen, requires_grad=True)
+    weight = (0.3 * torch.randn(500, 32, generator=gen)).requires_grad_()
+    targets = torch.randint(0, 500, (300,), generator=gen)
+    targets[torch.randperm(300, generator=gen)[:n_ignored]] = -100  # padding, as chunk_documents writes it
+    results = []
+    for fn in (lambda: F.cross_entropy(hidden @ weight.t(), targets),
+               lambda: linear_cross_entropy(hidden, weight, targets, chunk_rows=64, products=products)):
+        loss = fn()
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, weight.grad))
+        hidden.grad = weight.grad = None
+    (ref, ref_h, ref_w), (got, got_h, got_w) = results
+    if n_ignored == 300:  # nothing to score: NaN, as F.cross_entropy gives
+        assert got.isnan() and ref.isnan()
+        return
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_h, ref_h, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, ref_w, rtol=1e-5, atol=1e-6)
+    assert got_h[targets == -100].abs().max() == 0  # ignored rows get no gradient
+
+
+@pytest.mark.parametrize("backend", [False, True], ids=["plain", "cpu-backend"])
+def test_labels_mean_what_they_mean_in_hugging_face(backend):
+    from tests.hf_utils import copy_hf_into_minigpt, random_hf_gpt2
+
+    hf = random_hf_gpt2(seed=4)
+    model = copy_hf_into_minigpt(hf)
+    if backend:
+        cpu.optimize_for_cpu(model)
+    ids = torch.randint(0, 100, (3, 12), generator=torch.Generator().manual_seed(2))
+    labels = ids.clone()
+    labels[0, :5] = -100  # e.g. a prompt that is not trained on
+    for lab in (ids, labels):
+        with torch.no_grad():
+            expected = hf(input_ids=ids, labels=lab).loss
+            got = model(ids, labels=lab)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # targets= stays the tutorial's pre-shifted meaning: the same loss as labels= one token over
+    torch.testing.assert_close(model(ids[:, :-1], targets=ids[:, 1:]), model(ids, labels=ids), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="not both"):
+        model(ids, targets=ids, labels=ids)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from ..device import resolve_device
+from ..errors import ConfigError
 from ..generation import SamplingConfig, check, stream
 from ..tokenizer import EOS_ID, EOS_TOKEN, get_tokenizer
 from .common import add_model_source, load_model_from_args, positive_int, run
@@ -26,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="text to continue; '-' reads stdin; empty starts "
                    f"from {EOS_TOKEN}")
     p.add_argument("--max-new-tokens", type=int, default=50)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="0 is greedy (without --top-k/--top-p, the default); with --top-k or --top-p the default "
+                        "is 1, sampling as Hugging Face's do_sample does")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--num-samples", type=positive_int, default=1)
@@ -36,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p, use_cache=not args.no_cache)
+    sampling = SamplingConfig(sampling_temperature(args), args.top_k, args.top_p, use_cache=not args.no_cache)
     check(args.max_new_tokens, sampling)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     device = resolve_device(args.device)
@@ -66,6 +69,17 @@ def _main(argv: Sequence[str] | None) -> int:
     print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s "
           f"({device}, {args.dtype}, {'no cache' if args.no_cache else 'KV cache'})", file=sys.stderr)
     return 0
+
+
+def sampling_temperature(args: argparse.Namespace) -> float:
+    """--temperature, defaulting to 1 when --top-k/--top-p ask for sampling; greedy with them is refused."""
+    filtered = args.top_k is not None or args.top_p is not None
+    if args.temperature is None:
+        return 1.0 if filtered else 0.0
+    if args.temperature == 0 and filtered:
+        raise ConfigError("--top-k/--top-p filter what is sampled, but --temperature 0 is greedy and would "
+                          "ignore them: give a temperature > 0, or drop --top-k/--top-p")
+    return args.temperature
 
 
 def main(argv: Sequence[str] | None = None) -> int:
