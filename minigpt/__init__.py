@@ -16,13 +16,16 @@ from .data import (NAMED_CORPORA, DocumentChunkDataset, GPTDatasetV1, TokenWindo
                    create_dataloader_v1, iter_documents, load_token_ids, pack_documents, resolve_corpus,
                    split_documents, split_tokens)
 from .device import resolve_device
-from .errors import (CheckpointError, ConfigError, DataError, DownloadError, MinigptError, MissingExtra,
-                     NonFiniteLoss)
+from .errors import (CheckpointError, ConfigError, DataError, DirectoryInUse, DownloadError, MinigptError,
+                     MissingExtra, NonFiniteLoss, StorageError)
+from .evaluation import (HellaSwagExample, PerplexityResult, evaluate_perplexity, hellaswag_accuracy, read_hellaswag,
+                         score_hellaswag, sliding_windows)
 from .generation import SamplingConfig, generate, generate_tokens, stream
 from .inspection import attention_maps, hidden_states, nearest_neighbors
 from .loss import linear_cross_entropy, perplexity
 from .model import GELU, FeedForward, GPTModel, KVCache, LayerNorm, MultiHeadAttention, TransformerBlock, crop_context
 from .plot import plot_attention, plot_attention_grid, plot_losses
+from .serving import chat_prompt, create_app
 from .tokenizer import EOS_ID, get_tokenizer, text_to_token_ids, token_ids_to_text
 from .training import LanguageModelTask, Trainer, TrainConfig
 from .weights import assign, download_and_load_gpt2, from_pretrained, load_weights_into_gpt, save_hf
@@ -50,10 +53,15 @@ __all__ = [
     # weights and checkpoints
     "save_model", "load_model", "load_classifier", "from_pretrained", "download_and_load_gpt2",
     "load_weights_into_gpt", "assign", "save_hf",
+    # evaluation
+    "evaluate_perplexity", "PerplexityResult", "sliding_windows", "score_hellaswag", "read_hellaswag",
+    "hellaswag_accuracy", "HellaSwagExample",
+    # serving
+    "create_app", "chat_prompt",
     # classification, inspection
     "GPTClassifier", "freeze", "nearest_neighbors", "hidden_states", "attention_maps", "plot_attention",
     "plot_attention_grid",
     # errors
     "MinigptError", "ConfigError", "DataError", "CheckpointError", "DownloadError", "NonFiniteLoss",
-    "MissingExtra",
+    "MissingExtra", "StorageError", "DirectoryInUse",
 ]

@@ -42,7 +42,7 @@ from .tokenizer import EOS_ID, EOS_TOKEN
 
 def _csv_rows(path: Path, text_column: str | None, label_column: str | None) -> Iterator[tuple[int, str, Any]]:
     with open(path, encoding="utf-8-sig", newline="") as f:  # utf-8-sig: drop a byte-order mark
-        reader = csv.DictReader(f)
+        reader = csv.DictReader(f, strict=True)  # an unclosed quote is an error, not a swallowed line
         if not reader.fieldnames:
             raise DataError(f"{path}: no header row (expected column names such as text,label)")
         text = find_column(path, reader.fieldnames, text_column, "text", "--text-column")

@@ -72,19 +72,25 @@ def find_column(path: str | os.PathLike, names: Sequence[str], given: str | None
 
 def _csv_documents(path: Path, text_column: str | None) -> Iterator[str]:
     csv.field_size_limit(_CSV_FIELD_LIMIT)
-    reader = csv.reader(_lines(path))
+    # strict: an unterminated quote or text after a closing quote is an error, not a guess.
+    reader = csv.reader(_lines(path), strict=True)
+    row_start = 1
     try:
         header = next(reader, None)
         if not header:
             raise DataError(f"{path}: no header row (expected column names such as HADM_ID,TEXT)")
         column = header.index(find_column(path, header, text_column, "text", "--text-column"))
+        row_start = reader.line_num + 1
         for row in reader:
             if len(row) > column:
                 yield row[column]
             elif row:  # blank lines are skipped, short rows are not
                 raise DataError(f"{path}: line {reader.line_num} has {len(row)} fields, "
                                 f"no column {header[column]!r}")
+            row_start = reader.line_num + 1
     except csv.Error as e:
+        if "unexpected end of data" in str(e):
+            raise DataError(f"{path}: line {row_start}: a quoted field is never closed") from None
         raise DataError(f"{path}: line {reader.line_num}: {e}") from None
 
 
@@ -147,16 +153,18 @@ def _document_pieces(path: Path, text_column: str | None) -> Iterator[Iterable[s
 
 
 def iter_segments(path: Path, text_column: str | None) -> Iterator[tuple[bool, str]]:
-    """(starts a document, text) for every non-empty piece of text; a DataError if there is none."""
-    found = False
+    """(starts a document, text) for every non-empty piece of text; a DataError if there is
+    none, or nothing but whitespace."""
+    found = blank = False
     for pieces in _document_pieces(path, text_column):
         starts = True
         for piece in pieces:
             if piece:
                 yield starts, piece
-                starts, found = False, True
+                starts, blank = False, True
+                found = found or not piece.isspace()
     if not found:
-        raise DataError(f"{path}: contains no text")
+        raise DataError(f"{path}: contains no text" + (" (only whitespace)" if blank else ""))
 
 
 def iter_documents(path: str | os.PathLike, text_column: str | None = None) -> Iterator[str]:

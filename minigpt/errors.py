@@ -30,6 +30,14 @@ class DownloadError(MinigptError, OSError):
     """A file that could not be downloaded completely or did not match its checksum."""
 
 
+class StorageError(MinigptError, OSError):
+    """A write that failed for want of space or under a file-size limit (what was written before is intact)."""
+
+
+class DirectoryInUse(MinigptError, OSError):
+    """A run directory locked by another process."""
+
+
 class NonFiniteLoss(MinigptError, ArithmeticError):
     """Training produced a NaN or infinite loss (the last good checkpoint is kept)."""
 

@@ -1,19 +1,24 @@
 """Writing files so that a crash never leaves half of one, and downloading them the same way.
 
 `atomic_file` and `atomic_dir` write under a temporary name in the destination's directory and
-rename into place only when the block succeeds. `download` fetches into `<dest>.part`, resumes
-an interrupted transfer with an HTTP Range request, checks the size (and the sha256 when known)
-and only then renames the file to `dest`; it falls back to mirrors, and explains what to do
-when every source fails.
+rename into place only when the block succeeds; a directory replaces an existing one in one atomic
+exchange where the system has it (Linux), and `clean_leftovers` tidies what a killed writer left.
+`lock_dir` holds an exclusive OS lock on a directory, released when its process ends.
+`download` fetches into `<dest>.part`, resumes an interrupted transfer with an HTTP Range request,
+checks the size (and the sha256 when known) and only then renames the file to `dest`; it falls
+back to mirrors, and explains what to do when every source fails.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import http.client
 import os
 import re
 import shutil
+import socket
 import tempfile
 import urllib.error
 import urllib.request
@@ -24,7 +29,7 @@ from typing import IO
 
 from tqdm.auto import tqdm
 
-from .errors import DownloadError
+from .errors import DirectoryInUse, DownloadError, StorageError
 
 CHUNK = 1 << 20
 
@@ -67,8 +72,9 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes `path` only if the block succeeds.
 
-    An existing `path` is replaced; on error the temporary directory is removed and
-    `path` is left as it was.
+    An existing `path` is replaced so that a complete `path` exists at every instant (an atomic
+    exchange; elsewhere two renames, undone by `clean_leftovers` if interrupted between them).
+    On error the temporary directory is removed and `path` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +83,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         for f in tmp.iterdir():
             _fsync_file(f)
+        if path.exists() and _exchange(tmp, path):
+            _fsync_dir(path.parent)
+            shutil.rmtree(tmp, ignore_errors=True)  # now the old content
+            return
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -88,6 +98,120 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux `renameat2(RENAME_EXCHANGE)`); False where unsupported."""
+    rename = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if rename is None:
+        return False
+    at_cwd, exchange = -100, 2
+    if rename(at_cwd, os.fsencode(a), at_cwd, os.fsencode(b), exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a file system without exchange
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def remove_dir(path: Path) -> None:
+    """Delete a directory so that it never exists half-deleted under its name: renamed away first."""
+    doomed = path.with_name(f".{path.name}.del-{os.getpid()}")
+    os.replace(path, doomed)
+    _delete(doomed)
+
+
+def _delete(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clean_leftovers(directory: Path) -> list[str]:
+    """Tidy what interrupted `atomic_dir`s, `atomic_file`s and `remove_dir`s left in `directory`:
+    a replaced directory whose successor never arrived is put back, the rest deleted.
+    Returns the names put back. Call it only while no other process writes there."""
+    restored = []
+    if not directory.is_dir():
+        return restored
+    for p in sorted(directory.iterdir()):
+        m = re.fullmatch(r"\.(.+)\.(tmp|old|del)-\w+", p.name)
+        if m is None:
+            continue
+        target = directory / m[1]
+        if m[2] == "old" and not target.exists():
+            os.replace(p, target)
+            restored.append(target.name)
+        else:
+            _delete(p)
+    return restored
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_dir(directory: Path) -> IO:
+    """An exclusive lock on `directory` (`flock` on its `.lock` file), held until the returned file
+    is closed or the process ends, however it ends; `DirectoryInUse` if another process holds it."""
+    import fcntl  # POSIX only
+
+    directory.mkdir(parents=True, exist_ok=True)
+    f = open(directory / LOCK_FILE, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        holder = f.read().strip() or "another process"
+        f.close()
+        raise DirectoryInUse(f"{directory} is in use by another run ({holder}); wait for it to finish "
+                             "or pick another --out-dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
+    return f
+
+
+_STORAGE_ERRORS = {errno.ENOSPC: "no space left on device", errno.EFBIG: "file too large",
+                   errno.EDQUOT: "disk quota exceeded"}
+
+
+def storage_problem(error: BaseException) -> str | None:
+    """"no space left on device" / "file too large" / "disk quota exceeded" if `error` is such a
+    write failure (an OSError, or a library's message quoting "os error N"), else None."""
+    code = error.errno if isinstance(error, OSError) else None
+    if code is None and (m := re.search(r"os error (\d+)", str(error))):
+        code = int(m[1])
+    return _STORAGE_ERRORS.get(code)
+
+
+def check_storage(error: BaseException, path: Path, consequence: str = "") -> None:
+    """Raise a one-line `StorageError` naming `path` (and the `consequence`) if `error` is a full
+    disk or a size limit."""
+    problem = storage_problem(error)
+    if problem is not None:
+        raise StorageError(f"{path}: {problem}" + (f" ({consequence})" if consequence else "")) from error
+
+
+class HashingWriter:
+    """A binary file's `write`, also hashing (sha256) what it writes and keeping the first OSError
+    (a library writing through it may report that error as something vaguer)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.digest, self.error = f, hashlib.sha256(), None
+
+    def write(self, data: bytes) -> int:
+        try:
+            written = self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        self.digest.update(data)
+        return written
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def sha256_file(path: str | os.PathLike) -> str:

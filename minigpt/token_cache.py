@@ -1,7 +1,8 @@
 """Tokenizing a corpus once: its token ids cached as a uint16 memmap beside the text.
 
 The cache is `<name>.tokens.bin` (raw uint16 ids) plus `<name>.tokens.json` (what it was made
-from); it is reused while its inputs and settings match and rebuilt when one changes.
+from, and the CRC-32 of the .bin); it is reused while its inputs and settings match and its
+bytes are those written, and rebuilt otherwise.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -20,10 +23,10 @@ from tqdm.auto import tqdm
 from .corpora import resolve_corpus
 from .documents import input_files, iter_segments, with_eos
 from .errors import DataError
-from .files import atomic_file, sha256_file
+from .files import CHUNK, atomic_file, check_storage, sha256_file
 from .tokenizer import EOS_TOKEN
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the header records the .bin's CRC-32
 # tiktoken encodes about this many characters per (multi-threaded) batch.
 _BATCH_CHARS = 1 << 22
 
@@ -79,9 +82,23 @@ def _is_current(header: dict, params: dict, path: Path, files: list[Path], bin_p
         for r, c, f in zip(recorded, current, files, strict=True):
             if r["mtime_ns"] != c["mtime_ns"] and r["sha256"] != sha256_file(f):
                 return False
-        return bin_path.is_file() and bin_path.stat().st_size == header["count"] * 2
+        if not (bin_path.is_file() and bin_path.stat().st_size == header["count"] * 2):
+            return False
     except (KeyError, TypeError):  # a damaged header: rebuild
         return False
+    if _crc32(bin_path) != header.get("crc32"):
+        print(f"{bin_path}: the token cache is damaged (its CRC-32 is not the one recorded); rebuilding it",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def _crc32(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            crc = zlib.crc32(block, crc)
+    return crc
 
 
 def _read_header(json_path: Path) -> dict:
@@ -151,13 +168,25 @@ def load_token_ids(source: str | os.PathLike, tokenizer: tiktoken.Encoding, text
     # Fingerprint before reading: a file edited meanwhile then fails the check next time.
     header = {**params, "source": str(path.resolve()), "inputs": _fingerprints(path, files)}
     json_path.unlink(missing_ok=True)  # an old header must never describe the new .bin
-    count = 0
+    try:
+        count, crc = _write_ids(bin_path, path, text_column, tokenizer)
+        with atomic_file(json_path, "w") as f:
+            f.write(json.dumps({**header, "count": count, "crc32": crc}, indent=2) + "\n")
+    except OSError as e:
+        check_storage(e, bin_path, "the token cache was not written")
+        raise
+    return np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(count,))
+
+
+def _write_ids(bin_path: Path, path: Path, text_column: str | None, tokenizer: tiktoken.Encoding) -> tuple[int, int]:
+    """Tokenize `path` into `bin_path`; the token count and the CRC-32 of the bytes written."""
+    count = crc = 0
     with atomic_file(bin_path) as f, tqdm(desc=f"tokenizing {path.name}", unit="tok", unit_scale=True,
                                           disable=None, leave=False) as bar:
         for ids in _encode(iter_segments(path, text_column), tokenizer):
-            f.write(ids.tobytes())
+            data = ids.tobytes()
+            f.write(data)
+            crc = zlib.crc32(data, crc)
             count += len(ids)
             bar.update(len(ids))
-    with atomic_file(json_path, "w") as f:
-        f.write(json.dumps({**header, "count": count}, indent=2) + "\n")
-    return np.memmap(bin_path, dtype=np.uint16, mode="r", shape=(count,))
+    return count, crc

@@ -12,7 +12,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "minigpt"
 SOURCES = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
            for p in sorted(PACKAGE.rglob("*.py"))}
-COMMANDS = ("train", "generate", "classify", "inspect", "convert")
+COMMANDS = ("train", "generate", "classify", "inspect", "convert", "serve", "eval")
 PRIVATE_TORCH = re.compile(r"torch\.ops\.mkldnn|torch\.cpu\._|_load_from_state_dict|\.resize_\(|_reorder_linear_weight"
                            r"|_linear_pointwise|_is_mkldnn_bf16_supported")
 

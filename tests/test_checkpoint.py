@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from minigpt import GPTModel
+from minigpt.files import sha256_file
 from minigpt.checkpoint import (CONFIG_FILE, FORMAT, TRAINER_FILE, WEIGHTS_FILE, CheckpointError, load_classifier,
                                 load_model, load_trainer_state, read_config, save_model)
 
@@ -24,7 +25,10 @@ def test_a_language_model_round_trips(tiny_cfg, tmp_path):
     assert sorted(os.listdir(path)) == sorted([CONFIG_FILE, WEIGHTS_FILE, TRAINER_FILE])
     assert json.loads((path / CONFIG_FILE).read_text())["format"] == FORMAT
     cfg, meta = read_config(path)
+    files = meta.pop("files")  # each other file's size and sha256, as written
     assert cfg == tiny_cfg and meta == {"format": FORMAT, "step": 3}
+    for name in (WEIGHTS_FILE, TRAINER_FILE):
+        assert files[name] == {"size": (path / name).stat().st_size, "sha256": sha256_file(path / name)}
     loaded = load_model(path, dtype=torch.float64)
     assert type(loaded) is GPTModel and not loaded.training
     assert loaded.tok_emb.weight.dtype == torch.float64

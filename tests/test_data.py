@@ -460,3 +460,24 @@ def test_the_published_the_verdict_downloads_with_its_hash(tmp_path, http_dir):
 def test_tinyshakespeare_hash(tokenizer):
     path = shared_corpus("tinyshakespeare")
     assert hashlib.sha256(path.read_bytes()).hexdigest() == data.NAMED_CORPORA["tinyshakespeare"].sha256
+
+
+def test_csv_is_parsed_strictly_naming_the_line(tmp_path):
+    from minigpt.documents import iter_documents
+
+    bad = {'text\n"ok"\n"never closed\nmore\n': 'line 3: a quoted field is never closed',
+           'text\n"ok"\n"closed" then text\n': "line 3: ',' expected after '\"'"}
+    for i, (content, message) in enumerate(bad.items()):
+        path = tmp_path / f"bad{i}.csv"
+        path.write_text(content)
+        with pytest.raises(DataError, match=f"^{path}: {message}"):
+            list(iter_documents(path))
+
+
+def test_whitespace_only_text_is_no_text(tmp_path):
+    from minigpt.documents import iter_documents
+
+    path = tmp_path / "blank.txt"
+    path.write_text("  \n\t \n")
+    with pytest.raises(DataError, match=f"^{path}: contains no text \\(only whitespace\\)$"):
+        list(iter_documents(path))

@@ -106,3 +106,67 @@ def test_atomic_dir_keeps_the_old_directory_when_the_block_fails(tmp_path):
     with atomic_dir(path) as tmp:
         (tmp / "b").write_text("new")
     assert os.listdir(tmp_path) == ["ckpt"] and os.listdir(path) == ["b"]
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_atomic_dir_replaces_with_or_without_an_atomic_exchange(tmp_path, monkeypatch, exchange):
+    import minigpt.files
+
+    if not exchange:
+        monkeypatch.setattr(minigpt.files, "_exchange", lambda a, b: False)
+    path = tmp_path / "ckpt"
+    for content in ("one", "two"):
+        with atomic_dir(path) as tmp:
+            (tmp / "a").write_text(content)
+    assert os.listdir(tmp_path) == ["ckpt"] and (path / "a").read_text() == "two"
+
+
+def test_the_exchange_swaps_two_directories(tmp_path):
+    from minigpt.files import _exchange
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "x").write_text("in a")
+    if not _exchange(tmp_path / "a", tmp_path / "b"):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) here")
+    assert os.listdir(tmp_path / "a") == [] and (tmp_path / "b" / "x").read_text() == "in a"
+
+
+def test_clean_leftovers_puts_back_an_orphaned_old_copy_and_deletes_the_rest(tmp_path):
+    from minigpt.files import clean_leftovers, remove_dir
+
+    for name in (".step-2.old-11", ".step-3.old-12", "step-3", ".step-4.tmp-ab", ".step-1.del-9", "keep"):
+        (tmp_path / name).mkdir()
+    (tmp_path / ".metrics.jsonl.tmp-x1").write_text("partial")
+    assert clean_leftovers(tmp_path) == ["step-2"]
+    assert sorted(os.listdir(tmp_path)) == ["keep", "step-2", "step-3"]
+    remove_dir(tmp_path / "keep")
+    assert sorted(os.listdir(tmp_path)) == ["step-2", "step-3"]
+    (tmp_path / "link").symlink_to(tmp_path / "step-3")  # a checkpoint linked from another run
+    remove_dir(tmp_path / "link")
+    assert sorted(os.listdir(tmp_path)) == ["step-2", "step-3"]
+
+
+def test_lock_dir_is_exclusive_until_closed(tmp_path):
+    from minigpt.errors import DirectoryInUse
+    from minigpt.files import lock_dir
+
+    lock = lock_dir(tmp_path / "run")
+    with pytest.raises(DirectoryInUse, match=f"in use by another run \\(pid {os.getpid()} on "):
+        lock_dir(tmp_path / "run")
+    lock.close()
+    lock_dir(tmp_path / "run").close()
+
+
+def test_storage_problems_are_recognised_in_any_form():
+    import errno
+
+    from minigpt.errors import StorageError
+    from minigpt.files import check_storage, storage_problem
+
+    assert storage_problem(OSError(errno.ENOSPC, "No space left on device")) == "no space left on device"
+    assert storage_problem(RuntimeError("I/O error: File too large (os error 27)")) == "file too large"
+    assert storage_problem(OSError(errno.EACCES, "Permission denied")) is None
+    with pytest.raises(StorageError, match=r"^x.bin: no space left on device \(nothing written\)$"):
+        check_storage(OSError(errno.ENOSPC, "full"), "x.bin", "nothing written")
+    check_storage(ValueError("other"), "x.bin")  # not a storage problem: nothing raised

@@ -24,6 +24,7 @@ from ..errors import CheckpointError, ConfigError, DataError
 from ..model import GPTModel
 from ..tokenizer import get_tokenizer
 from ..training import Trainer, TrainConfig, list_checkpoints
+from ..training.checkpoints import claim_run_dir, recover_checkpoints
 from .common import resume_defaults, run
 
 # Flags that shape the model: a resumed run must keep them.
@@ -81,6 +82,8 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     g.add_argument("--warmup-steps", type=int, default=0)
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=None)
+    g.add_argument("--max-bad-steps", type=int, default=1,
+                   help="stop at this many steps in a row with a non-finite loss or gradients")
     g.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     g.add_argument("--seed", type=int, default=123, help="seeds the head, the split, dropout and batch order")
     g = t.add_argument_group("evaluation and output")
@@ -90,6 +93,8 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     g.add_argument("--save-interval", type=int, default=None, help="checkpoint every N steps (always at the end)")
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept")
     g.add_argument("--resume", default=None, help="a checkpoint directory, or 'latest' in --out-dir")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out-dir (its checkpoints and metrics are deleted)")
     g.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), default="none")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     if train_defaults:
@@ -115,7 +120,7 @@ def _check_classifier(ckpt: Path, saved: dict[str, Any]) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse flags; `train --resume` takes its defaults from the checkpoint."""
-    return resume_defaults(build_parser, argv, lambda a: default_out_dir(a.data or "", a.out_dir),
+    return resume_defaults(build_parser, argv, lambda a: recover_checkpoints(default_out_dir(a.data or "", a.out_dir)),
                            MODEL_ARGS, _check_classifier)
 
 
@@ -142,10 +147,7 @@ def check_args(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.lr <= 0:
-        raise ConfigError(f"--lr must be positive, got {args.lr}")
-    if args.eval_interval < 0 or args.warmup_steps < 0 or args.weight_decay < 0:
-        raise ConfigError("--eval-interval, --warmup-steps and --weight-decay must not be negative")
+    TrainConfig.from_flags(vars(args)).check()
     val_ratio, test_ratio = _ratios(args)
     if not (0 <= val_ratio < 1 and 0 <= test_ratio < 1 and val_ratio + test_ratio < 1):
         raise ConfigError(f"--val-ratio ({args.val_ratio}) and --test-ratio ({args.test_ratio}) must be in [0, 1) "
@@ -214,8 +216,6 @@ def setup(args: argparse.Namespace) -> tuple[Trainer, dict[str, TensorDataset]]:
     """Data, model, optimizer and run directory of a (fresh or resumed) fine-tuning run."""
     check_args(args)
     out_dir = default_out_dir(args.data, args.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out-dir {out_dir} exists and is not a directory")
     torch.manual_seed(args.seed)
     model = load_classifier(args.resume) if args.resume else None
     splits, labels = load_splits(args, model.labels if model else None)
@@ -230,10 +230,10 @@ def setup(args: argparse.Namespace) -> tuple[Trainer, dict[str, TensorDataset]]:
     if resolve_device(args.device).type == "cpu":
         optimize_for_cpu(model.gpt)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
+    cfg = TrainConfig.from_flags(vars(args))
     # The label set and the resolved max length travel in the checkpoint's train_args: that is
     # what `load_model` rebuilds the classifier from.
-    saved = {k: v for k, v in vars(args).items() if k not in ("resume", "progress", "command")}
+    saved = {k: v for k, v in vars(args).items() if k not in ("resume", "progress", "command", "overwrite")}
     saved.update(labels=labels, max_length=model.max_length)
     trainer = Trainer(model, cfg, datasets["train"], datasets["val"], ClassificationTask(), out_dir, saved)
     if args.resume:
@@ -250,6 +250,12 @@ def setup(args: argparse.Namespace) -> tuple[Trainer, dict[str, TensorDataset]]:
 
 
 def train_command(args: argparse.Namespace) -> int:
+    check_args(args)
+    with claim_run_dir(default_out_dir(args.data, args.out_dir), bool(args.resume), args.overwrite):
+        return _train(args)
+
+
+def _train(args: argparse.Namespace) -> int:
     trainer, datasets = setup(args)
     model = trainer.model
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -291,6 +297,8 @@ def predict_command(args: argparse.Namespace) -> int:
         texts = args.texts
     elif args.input == "-":
         texts = sys.stdin.read().splitlines()
+    elif Path(args.input).is_dir():
+        raise ConfigError(f"--input {args.input} is a directory; give a file with one text per line")
     else:
         texts = Path(args.input).read_text(encoding="utf-8").splitlines()
     texts = [t for t in texts if t.strip()]  # blank lines have nothing to classify

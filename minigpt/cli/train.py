@@ -20,11 +20,12 @@ from ..checkpoint import load_model, load_trainer_state
 from ..config import ARITHMETIC_KINDS, LEGACY_ATTENTION, GPTConfig, get_preset
 from ..device import DTYPES, resolve_device
 from ..distributed import DistInfo, barrier, init_distributed, shutdown
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 from ..loss import perplexity
 from ..model import GPTModel, crop_context
 from ..tokenizer import get_tokenizer
 from ..training import LanguageModelTask, Trainer, TrainConfig
+from ..training.checkpoints import claim_run_dir, recover_checkpoints
 from .common import resume_defaults, run
 
 # The flags that define the model: a resumed run may not change them.
@@ -83,6 +84,9 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay on weight matrices")
     g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="clip the gradient norm (off if unset)")
+    g.add_argument("--max-bad-steps", type=int, default=d.max_bad_steps,
+                   help="stop at this many steps in a row with a non-finite loss or gradients (each one's "
+                        "update is skipped)")
     g.add_argument("--dtype", choices=tuple(DTYPES), default=d.dtype,
                    help="bfloat16/float16 train under autocast with float32 weights")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:N or mps (under torchrun: "
@@ -103,6 +107,8 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
                    help="checkpoint every N steps (always at the end and on Ctrl-C)")
     g.add_argument("--keep-last", type=int, default=d.keep_last, help="checkpoints kept")
     g.add_argument("--resume", default=None, help="a checkpoint directory, or 'latest' in --out-dir")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out-dir (its checkpoints and metrics are deleted)")
     g.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), default=d.report_to,
                    help="also send metrics there")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -117,12 +123,7 @@ def check_args(args: argparse.Namespace) -> None:
                  "max_steps", "save_interval", "stride"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.lr <= 0:
-        raise ConfigError(f"--lr must be positive, got {args.lr}")
-    if args.min_lr is not None and not 0 <= args.min_lr <= args.lr:
-        raise ConfigError(f"--min-lr must be in [0, lr={args.lr}], got {args.min_lr}")
-    if args.eval_interval < 0 or args.warmup_steps < 0 or args.weight_decay < 0:
-        raise ConfigError("--eval-interval, --warmup-steps and --weight-decay must not be negative")
+    TrainConfig.from_flags(vars(args)).check()
     if not 0 < args.val_ratio < 1:
         raise ConfigError(f"--val-ratio must be in (0, 1), got {args.val_ratio}")
 
@@ -131,10 +132,15 @@ def default_out_dir(data: str) -> Path:
     return Path("runs") / Path(data).stem
 
 
+def out_dir_of(args: argparse.Namespace) -> Path:
+    return Path(args.out_dir or default_out_dir(args.data))
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse `argv`; with `--resume`, the checkpoint's flags are the defaults, and a flag that would
     change the model is an error naming the checkpoint's value."""
-    return resume_defaults(build_parser, argv, lambda a: Path(a.out_dir or default_out_dir(a.data)),
+    # `--resume latest` picks the newest checkpoint once an interrupted re-save is undone.
+    return resume_defaults(build_parser, argv, lambda a: recover_checkpoints(out_dir_of(a)),
                            (*MODEL_FLAGS, "preset", "init_from"), upgrade=upgrade_train_args)
 
 
@@ -174,7 +180,10 @@ def load_splits(args: argparse.Namespace, tokenizer, context_length: int,
         if (turn == "main") == dist_info.is_main:
             ids = data_lib.load_token_ids(args.data, tokenizer, text_column=args.text_column, data_dir=args.data_dir)
         barrier()
-    train_ids, val_ids = data_lib.split_tokens(ids, args.val_ratio, context_length)
+    try:
+        train_ids, val_ids = data_lib.split_tokens(ids, args.val_ratio, context_length)
+    except DataError as e:
+        raise DataError(f"{args.data}: {e}") from None
     return (data_lib.TokenWindowDataset(train_ids, context_length, args.stride or context_length),
             data_lib.TokenWindowDataset(val_ids, context_length, context_length))
 
@@ -185,10 +194,8 @@ def setup(args: argparse.Namespace, dist_info: DistInfo | None = None,
     check_args(args)
     dist_info = dist_info or DistInfo()
     device = device or resolve_device(args.device)
-    cfg = TrainConfig(**{k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__})
-    out_dir = Path(args.out_dir or default_out_dir(args.data))
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out-dir {out_dir} exists and is not a directory")
+    cfg = TrainConfig.from_flags(vars(args))
+    out_dir = out_dir_of(args)
     tokenizer = get_tokenizer()
     if args.resume:
         trainer_state = load_trainer_state(args.resume)
@@ -202,7 +209,7 @@ def setup(args: argparse.Namespace, dist_info: DistInfo | None = None,
     train_set, val_set = load_splits(args, tokenizer, model.cfg.context_length, dist_info)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "progress")}
+    saved_args = {k: v for k, v in vars(args).items() if k not in ("resume", "progress", "overwrite")}
     task = LanguageModelTask(tokenizer, args.sample_prompt, cfg.sample_tokens)
     trainer = Trainer(model, cfg, train_set, val_set, task, out_dir, saved_args, dist_info, device, args.fsdp)
     if args.resume:
@@ -224,12 +231,14 @@ def describe(trainer: Trainer, args: argparse.Namespace) -> str:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = parse_args(argv)
+    check_args(args)
     try:
         dist_info, device = init_distributed(args.device, args.dist_timeout)
-        trainer = setup(args, dist_info, device)
-        if dist_info.is_main:
-            print(describe(trainer, args), file=sys.stderr)
-        result = trainer.fit()
+        with claim_run_dir(out_dir_of(args), bool(args.resume), args.overwrite, dist_info.is_main):
+            trainer = setup(args, dist_info, device)
+            if dist_info.is_main:
+                print(describe(trainer, args), file=sys.stderr)
+            result = trainer.fit()
     finally:
         shutdown()
     if not dist_info.is_main:

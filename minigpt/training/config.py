@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from ..errors import ConfigError
 
 
 @dataclass
@@ -23,6 +26,7 @@ class TrainConfig:
     warmup_steps: int = 0
     weight_decay: float = 0.1
     grad_clip: float | None = None
+    max_bad_steps: int = 1  # consecutive steps with a non-finite loss or gradients before the run stops
     eval_interval: int = 5
     eval_iters: int = 5
     dtype: str = "float32"
@@ -36,6 +40,28 @@ class TrainConfig:
     report_to: str = "none"
     progress: bool = True
     compile: bool = False
+
+    @classmethod
+    def from_flags(cls, flags: dict) -> TrainConfig:
+        """The config of a command's parsed flags (those that are not fields are ignored)."""
+        return cls(**{k: v for k, v in flags.items() if k in cls.__dataclass_fields__})
+
+    def check(self) -> None:
+        """Refuse optimisation values no run can use, naming the flag."""
+        for flag, value in (("lr", self.lr), ("min-lr", self.min_lr), ("grad-clip", self.grad_clip),
+                            ("weight-decay", self.weight_decay)):
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"--{flag} must be a finite number, got {value}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be positive, got {self.lr}")
+        if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"--grad-clip must be positive (the largest gradient norm kept), got {self.grad_clip}")
+        if self.max_bad_steps < 1:
+            raise ConfigError(f"--max-bad-steps must be positive, got {self.max_bad_steps}")
+        if self.eval_interval < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError("--eval-interval, --warmup-steps and --weight-decay must not be negative")
 
 
 @dataclass

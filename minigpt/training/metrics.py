@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ..errors import ConfigError, require
+from ..files import atomic_file, check_storage
 
 Reporter = Callable[[dict[str, Any]], None]
 
@@ -42,13 +44,35 @@ def make_reporter(report_to: str, out_dir: Path) -> Reporter:
     raise ConfigError(f"unknown --report-to {report_to!r}; use none, tensorboard or wandb")
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl; unreadable lines (one cut short by a crash or a full disk)
+    are left out, and reported on stderr."""
+    records, bad = [], []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(dict(json.loads(line)))
+        except (json.JSONDecodeError, TypeError, ValueError):
+            bad.append(lineno)
+    if bad:
+        print(f"{path}: left out unreadable line(s) {', '.join(map(str, bad))} (cut short by an interrupted "
+              "write?)", file=sys.stderr)
+    return records
+
+
 def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop metrics logged after `step` by the run being resumed (they will be logged again)."""
+    """Drop metrics logged after `step` by the run being resumed (they will be logged again);
+    the file is replaced atomically, so an interruption leaves the old one whole."""
     if not path.exists():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    try:
+        with atomic_file(path, "w") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in kept))
+    except OSError as e:
+        check_storage(e, path, "not rewritten; the old file is intact")
+        raise
 
 
 class MetricsLog:
@@ -62,8 +86,12 @@ class MetricsLog:
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            check_storage(e, self.path, "a record was not logged")
+            raise
         self.reporter(record)
 
 

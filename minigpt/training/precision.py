@@ -39,6 +39,14 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
+    def grads_finite(self, parameters: Iterable[torch.nn.Parameter]) -> bool:
+        """Whether this rank's gradients are all finite (always True under float16, whose scaler
+        itself skips the steps that overflow)."""
+        if self.scaler.is_enabled():
+            return True
+        grads = [p.grad for p in parameters if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
     def step(self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn.Parameter],
              grad_clip: float | None) -> None:
         """Clip the (unscaled) gradient norm if asked, then take the optimizer step."""

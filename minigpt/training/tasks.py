@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Protocol
 
@@ -10,7 +11,12 @@ from torch import nn
 
 from ..book import sample_text
 from ..device import to_device
+from ..evaluation.scoring import token_byte_lengths
 from ..plot import plot_losses
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 class Task(Protocol):
@@ -38,15 +44,28 @@ class LanguageModelTask:
 
     def __init__(self, tokenizer, sample_prompt: str, sample_tokens: int = 50) -> None:
         self.tokenizer, self.sample_prompt, self.sample_tokens = tokenizer, sample_prompt, sample_tokens
+        self._byte_lengths: torch.Tensor | None = None
 
     def loss(self, model: nn.Module, batch: tuple[torch.Tensor, ...], device: torch.device) -> torch.Tensor:
         # The model's own loss: `calc_loss_batch`'s value without the (tokens, vocab) logits.
         return model(to_device(batch[0], device), targets=to_device(batch[1], device))
 
     def evaluate(self, model: nn.Module, batches, device: torch.device) -> dict[str, float]:
-        """The mean batch loss."""
-        losses = [self.loss(model, batch, device).item() for batch in batches]
-        return {"loss": sum(losses) / len(losses) if losses else float("nan")}
+        """The mean batch loss, and bits per byte (`bpb`): each batch's loss in bits over the UTF-8
+        bytes its targets stand for, comparable across tokenizers (end-of-text counts no bytes)."""
+        losses, bpbs = [], []
+        for batch in batches:
+            loss = self.loss(model, batch, device).item()
+            n_bytes = int(self.byte_lengths()[batch[1].long().cpu()].sum())
+            losses.append(loss)
+            bpbs.append(loss * batch[1].numel() / math.log(2) / n_bytes if n_bytes else float("nan"))
+        return {"loss": _mean(losses), "bpb": _mean(bpbs)}
+
+    def byte_lengths(self) -> torch.Tensor:
+        """The UTF-8 bytes of every token id the token cache can hold (uint16), computed once."""
+        if self._byte_lengths is None:
+            self._byte_lengths = token_byte_lengths(self.tokenizer, max(self.tokenizer.n_vocab, 1 << 16))
+        return self._byte_lengths
 
     def end_of_epoch(self, model: nn.Module, device: torch.device) -> str:
         """A greedy sample from the fixed prompt."""

@@ -22,7 +22,8 @@ from ..device import resolve_device
 from ..distributed import (DistInfo, all_reduce_sum, barrier, full_state, gather_objects, gradient_sync,
                            load_full_optimizer_state, wrap_model)
 from ..errors import NonFiniteLoss
-from .checkpoints import checkpoint_dir, list_checkpoints, restore_rng, save_checkpoint, trainer_payload
+from .checkpoints import (checkpoint_dir, last_good_checkpoint, prune_checkpoints, restore_rng, save_checkpoint,
+                          trainer_payload)
 from .config import TrainConfig, TrainState
 from .metrics import MetricsLog, Progress, keep_metrics_until
 from .optim import configure_optimizer, lr_at
@@ -53,6 +54,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", cfg.report_to, enabled=self.dist.is_main)
         self.metrics_file = self.metrics.path
         self.stop_requested = False
+        self.guard = StepGuard(cfg.max_bad_steps, 0)
 
     def log(self, record: dict[str, Any]) -> None:
         self.metrics.log(record)
@@ -75,15 +77,7 @@ class Trainer:
                 self.precision.backward(loss)
             total += loss.item()
             self.state.tokens_seen += batch[0].numel() * self.dist.world_size
-        # One all-reduce: the mean loss (so every rank sees a NaN and stops together) and any stop request.
-        loss_sum, stops = all_reduce_sum([total, float(self.stop_requested)], self.device)
-        total, self.stop_requested = loss_sum / self.dist.world_size, stops > 0
-        if not math.isfinite(total):
-            raise NonFiniteLoss(f"loss became {total} at step {self.state.step}")
-        self.precision.step(self.optimizer, self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.state.step += 1
-        return total
+        return conclude_step(self, total)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -100,7 +94,9 @@ class Trainer:
         s.record({"step": s.step, "epoch": self.sampler.epoch_progress(s), "tokens_seen": s.tokens_seen, **metrics})
         self.log({"event": "eval", "step": s.step, "epoch": s.epoch + 1, "tokens_seen": s.tokens_seen, **metrics})
         # Numbered as the tutorial prints it: the index of the step just taken.
-        shown = ", ".join(f"{k.replace('_', ' ', 1).capitalize()} {v:.3f}" for k, v in metrics.items())
+        # The losses first, as the tutorial prints them ("Train loss 9.558, Val loss 9.856"), then the rest.
+        order = sorted(metrics, key=lambda k: (not k.endswith("_loss"), k))
+        shown = ", ".join(f"{k.replace('_', ' ', 1).capitalize()} {metrics[k]:.3f}" for k in order)
         self.echo(f"Ep {s.epoch + 1} (Step {s.step - 1:06d}): {shown}")
         return metrics
 
@@ -114,13 +110,15 @@ class Trainer:
             self.echo(text)
 
     def save(self) -> Path:
-        """Checkpoint the state at the last completed step (a collective: every rank calls it)."""
+        """Checkpoint the state at the last completed step (a collective: every rank calls it);
+        weights that are not all finite are never saved."""
         model_state, optimizer_state = full_state(self.wrapped, self.optimizer)
         rng = gather_objects(torch.get_rng_state())
+        refuse_non_finite(model_state, self.dist, self.device, self.state.step)
         if self.dist.is_main:
             trainer = trainer_payload(self.state, optimizer_state, self.precision.scaler, rng, self.dist.world_size)
             save_checkpoint(self.model, self.out_dir, self.state.step, model_state, trainer, self.args,
-                            self.cfg.keep_last)
+                            self.cfg.keep_last, self.guard.good_step)
         barrier()
         return checkpoint_dir(self.out_dir, self.state.step)
 
@@ -131,6 +129,7 @@ class Trainer:
         load_full_optimizer_state(self.wrapped, self.optimizer, trainer_state["optimizer"], self.fsdp)
         self.precision.scaler.load_state_dict(trainer_state["scaler"])
         restore_rng(trainer_state, self.dist, self.cfg.seed, self.state.step)
+        self.guard = StepGuard(self.cfg.max_bad_steps, self.state.step)
         if self.dist.is_main:
             keep_metrics_until(self.metrics_file, self.state.step)
 
@@ -145,7 +144,7 @@ class Trainer:
                 while state.step < self.total_steps:
                     last_ckpt = self._advance(progress) or last_ckpt
         except NonFiniteLoss as e:
-            raise with_last_checkpoint(e, self.out_dir) from None
+            raise with_last_checkpoint(e, self.out_dir, self.guard.good_step, self.dist.is_main) from None
         finally:
             progress.close()
         elapsed = time.perf_counter() - t0
@@ -155,6 +154,8 @@ class Trainer:
             last_ckpt = self.save()
         if not history.get("step") or history["step"][-1] != state.step:
             self.evaluate()
+        if self.dist.is_main:
+            prune_if_proven(self.out_dir, history, self.cfg.keep_last)
         return {"final": {k: v[-1] for k, v in history.items()},
                 "tokens_per_s": (state.tokens_seen - tokens0) / max(elapsed, 1e-9),
                 "checkpoint": last_ckpt, "metrics": self.metrics_file,
@@ -174,20 +175,80 @@ class Trainer:
         saved = self.save() if cfg.save_interval and state.step % cfg.save_interval == 0 else None
         progress.update(loss, lr, state.tokens_seen)
         if self.stop_requested:
-            progress.close()
-            path = self.save()
-            if self.dist.is_main:
-                print(f"interrupted at step {state.step}: checkpoint saved to {path}; "
-                      f"continue with --resume {path}", file=sys.stderr)
-            raise KeyboardInterrupt
+            save_and_stop(self, progress)
         return saved
 
 
-def with_last_checkpoint(error: NonFiniteLoss, out_dir: Path) -> NonFiniteLoss:
-    """`error`, telling which checkpoint is the last good one."""
-    kept = list_checkpoints(out_dir)
-    where = f"the last good checkpoint is {kept[-1]}" if kept else "no checkpoint was written"
+def conclude_step(trainer: Trainer, total: float) -> float:
+    """Apply the accumulated gradients unless the loss or a gradient is non-finite (`StepGuard`);
+    returns the mean loss over ranks."""
+    grads_ok = trainer.precision.grads_finite(trainer.model.parameters())
+    # One all-reduce: the mean loss (so every rank sees a NaN and stops together), any rank's
+    # non-finite gradients and any stop request.
+    loss_sum, bad_grads, stops = all_reduce_sum([total, float(not grads_ok), float(trainer.stop_requested)],
+                                                trainer.device)
+    total, trainer.stop_requested = loss_sum / trainer.dist.world_size, stops > 0
+    if trainer.guard.judge(total, bad_grads == 0, trainer.state.step, trainer.echo):
+        trainer.precision.step(trainer.optimizer, trainer.model.parameters(), trainer.cfg.grad_clip)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.state.step += 1
+    return total
+
+
+def save_and_stop(trainer: Trainer, progress: Progress) -> None:
+    """Ctrl-C was pressed: checkpoint, say how to continue, and raise `KeyboardInterrupt`."""
+    progress.close()
+    path = trainer.save()
+    if trainer.dist.is_main:
+        print(f"interrupted at step {trainer.state.step}: checkpoint saved to {path}; "
+              f"continue with --resume {path}", file=sys.stderr)
+    raise KeyboardInterrupt
+
+
+def prune_if_proven(out_dir: Path, history: dict[str, list], keep_last: int) -> None:
+    """The final weights evaluated to finite losses: a checkpoint kept until they did may go."""
+    if all(math.isfinite(v[-1]) for k, v in history.items() if k.endswith("_loss")):
+        prune_checkpoints(out_dir, keep_last, history["step"][-1])
+
+
+def refuse_non_finite(model_state: dict[str, torch.Tensor], dist_info: DistInfo, device: torch.device,
+                      step: int) -> None:
+    """`NonFiniteLoss` on every rank if the first rank's weights to save are not all finite."""
+    finite = not dist_info.is_main or all(bool(torch.isfinite(t).all()) for t in model_state.values())
+    if all_reduce_sum([float(not finite)], device)[0]:
+        raise NonFiniteLoss(f"the weights became non-finite at step {step}; they were not saved")
+
+
+def with_last_checkpoint(error: NonFiniteLoss, out_dir: Path, good_step: int, is_main: bool) -> NonFiniteLoss:
+    """`error`, telling which checkpoint is the last good one (the first rank also renames the
+    newer ones, whose weights gave the non-finite loss, `step-N.nonfinite`)."""
+    good = last_good_checkpoint(out_dir, good_step, rename=is_main)
+    where = f"the last good checkpoint is {good}" if good else "no good checkpoint was written"
     return NonFiniteLoss(f"{error}: stopping; {where} (try a lower --lr or --grad-clip)")
+
+
+class StepGuard:
+    """Which weights are known to give a finite loss, and how many bad steps came in a row."""
+
+    def __init__(self, max_bad_steps: int, step: int) -> None:
+        self.max_bad_steps, self.in_a_row = max_bad_steps, 0
+        self.good_step = step - 1  # the weights of every earlier step gave a finite loss
+
+    def judge(self, loss: float, grads_finite: bool, step: int, echo) -> bool:
+        """Whether to apply step `step`'s update: not when its loss or gradients are non-finite;
+        `NonFiniteLoss` at the `max_bad_steps`-th such step in a row."""
+        if math.isfinite(loss) and grads_finite:
+            self.in_a_row, self.good_step = 0, step
+            return True
+        if math.isfinite(loss):
+            self.good_step = step + 1  # the weights stay those that just gave a finite loss
+        self.in_a_row += 1
+        what = f"loss became {loss}" if not math.isfinite(loss) else "the gradients became non-finite"
+        if self.in_a_row >= self.max_bad_steps:
+            row = f" ({self.in_a_row} bad steps in a row)" if self.in_a_row > 1 else ""
+            raise NonFiniteLoss(f"{what} at step {step}{row}")
+        echo(f"step {step}: {what}; update skipped ({self.in_a_row} of --max-bad-steps {self.max_bad_steps})")
+        return False
 
 
 def global_batch_means(task: Task, model: nn.Module, batches, device: torch.device) -> dict[str, float]:

@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ..checkpoint import CONFIG_FILE
+from ..checkpoint import CONFIG_FILE, load_tensors_file
 from ..config import GPTConfig
 from ..errors import CheckpointError
 from ..files import atomic_dir
@@ -118,10 +118,7 @@ def _read_weights(files: list[Path]) -> tuple[dict[str, tuple[int, ...]], Iterat
     """The shape of every tensor, and the tensors (from safetensors, one at a time)."""
     shapes: dict[str, tuple[int, ...]] = {}
     if files[0].suffix != ".safetensors":
-        try:
-            state = torch.load(files[0], map_location="cpu", weights_only=True)
-        except Exception as e:  # torch raises RuntimeError, pickle errors, EOFError, ...
-            raise CheckpointError(f"{files[0]}: corrupt or truncated ({type(e).__name__}: {e})") from e
+        state = load_tensors_file(files[0])
         return {k: tuple(v.shape) for k, v in state.items()}, iter(state.items())
     for file in files:
         try:
