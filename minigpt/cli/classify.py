@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ..backends import keep_freed_memory, optimize_for_cpu
-from ..checkpoint import load_classifier, load_trainer_state, read_config
+from ..checkpoint import CONFIG_FILE, load_classifier, load_trainer_state, read_config
 from ..classifier import (ClassificationTask, GPTClassifier, balance, evaluate_dataset, format_scores, freeze,
                           make_dataset, predict, read_examples, sort_labels, split_indices, tokenize)
 from ..config import get_preset
@@ -132,7 +132,7 @@ def default_out_dir(data: str, out_dir: str | None = None) -> Path:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory's newest checkpoint."""
     path = Path(path)
-    if path.is_dir() and not (path / "config.json").is_file() and list_checkpoints(path):
+    if path.is_dir() and not (path / CONFIG_FILE).is_file() and list_checkpoints(path):
         return list_checkpoints(path)[-1]
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint or run directory")

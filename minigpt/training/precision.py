@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Sequence
 
 import torch
 
@@ -39,18 +39,22 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss).backward()
 
-    def grads_finite(self, parameters: Iterable[torch.nn.Parameter]) -> bool:
-        """Whether this rank's gradients are all finite (always True under float16, whose scaler
-        itself skips the steps that overflow)."""
+    def grad_norm(self, parameters: Sequence[torch.nn.Parameter]) -> torch.Tensor | None:
+        """The total norm of this rank's gradients (non-finite if any gradient is), computed once for
+        the non-finite check and the clipping; None under float16, whose scaler itself skips the
+        steps that overflow and unscales before it clips."""
         if self.scaler.is_enabled():
-            return True
+            return None
         grads = [p.grad for p in parameters if p.grad is not None]
-        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        return torch.nn.utils.get_total_norm(grads) if grads else None
 
-    def step(self, optimizer: torch.optim.Optimizer, parameters: Iterable[torch.nn.Parameter],
-             grad_clip: float | None) -> None:
-        """Clip the (unscaled) gradient norm if asked, then take the optimizer step."""
-        if grad_clip:
+    def step(self, optimizer: torch.optim.Optimizer, parameters: Sequence[torch.nn.Parameter],
+             grad_clip: float | None, norm: torch.Tensor | None) -> None:
+        """Clip the (unscaled) gradients to `grad_clip` if asked, then take the optimizer step;
+        `norm` is `grad_norm`'s, reused rather than computed again."""
+        if grad_clip and norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(parameters, grad_clip, norm)
+        elif grad_clip:
             self.scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
         self.scaler.step(optimizer)

@@ -182,14 +182,16 @@ class Trainer:
 def conclude_step(trainer: Trainer, total: float) -> float:
     """Apply the accumulated gradients unless the loss or a gradient is non-finite (`StepGuard`);
     returns the mean loss over ranks."""
-    grads_ok = trainer.precision.grads_finite(trainer.model.parameters())
+    params = list(trainer.model.parameters())
+    norm = trainer.precision.grad_norm(params)
+    grads_ok = norm is None or bool(torch.isfinite(norm))
     # One all-reduce: the mean loss (so every rank sees a NaN and stops together), any rank's
     # non-finite gradients and any stop request.
     loss_sum, bad_grads, stops = all_reduce_sum([total, float(not grads_ok), float(trainer.stop_requested)],
                                                 trainer.device)
     total, trainer.stop_requested = loss_sum / trainer.dist.world_size, stops > 0
     if trainer.guard.judge(total, bad_grads == 0, trainer.state.step, trainer.echo):
-        trainer.precision.step(trainer.optimizer, trainer.model.parameters(), trainer.cfg.grad_clip)
+        trainer.precision.step(trainer.optimizer, params, trainer.cfg.grad_clip, norm)
     trainer.optimizer.zero_grad(set_to_none=True)
     trainer.state.step += 1
     return total

@@ -109,8 +109,8 @@ def test_consecutive_bad_steps_stop_the_run(monkeypatch, corpus, tmp_path, capsy
 def test_non_finite_weights_are_never_saved(monkeypatch, corpus, tmp_path, capsys):
     real = Precision.step
 
-    def step_to_inf(self, optimizer, parameters, grad_clip):
-        real(self, optimizer, parameters, grad_clip)
+    def step_to_inf(self, optimizer, parameters, grad_clip, norm):
+        real(self, optimizer, parameters, grad_clip, norm)
         with torch.no_grad():
             next(iter(optimizer.param_groups[0]["params"]))[0, 0] = float("inf")
 
