@@ -14,19 +14,19 @@ from typing import Any
 
 import torch
 
-from .. import data as data_lib
 from ..backends import keep_freed_memory, optimize_for_cpu
 from ..checkpoint import load_model, load_trainer_state
 from ..config import ARITHMETIC_KINDS, LEGACY_ATTENTION, GPTConfig, get_preset
 from ..device import DTYPES, resolve_device
-from ..distributed import DistInfo, barrier, init_distributed, shutdown
-from ..errors import ConfigError, DataError
+from ..distributed import DistInfo, init_distributed, shutdown
+from ..errors import ConfigError
 from ..loss import perplexity
 from ..model import GPTModel, crop_context
 from ..tokenizer import get_tokenizer
 from ..training import LanguageModelTask, Trainer, TrainConfig
 from ..training.checkpoints import claim_run_dir, recover_checkpoints
 from .common import resume_defaults, run
+from .train_data import add_data_args, load_splits
 
 # The flags that define the model: a resumed run may not change them.
 MODEL_FLAGS = ("context_length", "emb_dim", "n_layers", "n_heads", "drop_rate", "qkv_bias",
@@ -47,13 +47,7 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
                     "with context 256 on the-verdict for 10 epochs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     d = TrainConfig()
-    g = p.add_argument_group("data")
-    g.add_argument("--data", default=d.data, help="a named corpus (the-verdict, tinyshakespeare), a .txt file, "
-                   "a directory of .txt files, a .csv or a .jsonl file")
-    g.add_argument("--data-dir", default=d.data_dir, help="where named corpora live ($MINIGPT_DATA_DIR or data/)")
-    g.add_argument("--text-column", default=d.text_column, help="text column of a .csv / field of a .jsonl")
-    g.add_argument("--val-ratio", type=float, default=d.val_ratio, help="fraction of tokens held out")
-    g.add_argument("--stride", type=int, default=d.stride, help="window stride (default: context length)")
+    add_data_args(p, d)
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="gpt2", help="gpt2 (124M), gpt2-medium, gpt2-large, gpt2-xl or tiny")
     g.add_argument("--init-from", default=None, help="start from pretrained weights: gpt2, ... or a directory")
@@ -170,22 +164,6 @@ def build_model(args: argparse.Namespace) -> GPTModel:
     if args.context_length != model.cfg.context_length:
         crop_context(model, args.context_length)
     return model.train()
-
-
-def load_splits(args: argparse.Namespace, tokenizer, context_length: int,
-                dist_info: DistInfo) -> tuple[data_lib.TokenWindowDataset, data_lib.TokenWindowDataset]:
-    """The training and validation windows of `--data`."""
-    ids = None
-    for turn in ("main", "others"):  # rank 0 tokenizes and caches first; the others then read its cache
-        if (turn == "main") == dist_info.is_main:
-            ids = data_lib.load_token_ids(args.data, tokenizer, text_column=args.text_column, data_dir=args.data_dir)
-        barrier()
-    try:
-        train_ids, val_ids = data_lib.split_tokens(ids, args.val_ratio, context_length)
-    except DataError as e:
-        raise DataError(f"{args.data}: {e}") from None
-    return (data_lib.TokenWindowDataset(train_ids, context_length, args.stride or context_length),
-            data_lib.TokenWindowDataset(val_ids, context_length, context_length))
 
 
 def setup(args: argparse.Namespace, dist_info: DistInfo | None = None,
