@@ -9,8 +9,8 @@ from .backends import cpu_has_bf16_arithmetic, keep_freed_memory, optimize_for_c
 from .book import (calc_loss_batch, calc_loss_loader, evaluate_model, generate_and_print_sample,
                    generate_greedy_text, generate_next_greedy_token, generate_text_simple, print_sampled_tokens,
                    softmax_with_temperature, train_model_simple)
-from .checkpoint import load_classifier, load_model, save_model
-from .classifier import GPTClassifier, freeze
+from .checkpoint import load_model, save_model
+from .classifier import GPTClassifier
 from .config import PRESETS, GPTConfig, get_preset
 from .data import (NAMED_CORPORA, DocumentChunkDataset, GPTDatasetV1, TokenWindowDataset, chunk_documents,
                    create_dataloader_v1, iter_documents, load_token_ids, pack_documents, resolve_corpus,
@@ -20,15 +20,18 @@ from .errors import (CheckpointError, ConfigError, DataError, DirectoryInUse, Do
                      MissingExtra, NonFiniteLoss, StorageError)
 from .evaluation import (HellaSwagExample, PerplexityResult, evaluate_perplexity, hellaswag_accuracy, read_hellaswag,
                          score_hellaswag, sliding_windows)
+from .finetune import (CheckpointedBlock, LowPrecisionLinear, checkpoint_blocks, freeze, peak_memory_mb,
+                       store_frozen_in, trainable_parameters)
 from .generation import SamplingConfig, generate, generate_tokens, stream
 from .inspection import attention_maps, hidden_states, nearest_neighbors
+from .lora import LoRAConfig, LoRALinear, apply_lora, has_lora, merge_lora, weights_fingerprint
 from .loss import linear_cross_entropy, perplexity
 from .model import GELU, FeedForward, GPTModel, KVCache, LayerNorm, MultiHeadAttention, TransformerBlock, crop_context
 from .plot import plot_attention, plot_attention_grid, plot_losses
 from .serving import chat_prompt, create_app
 from .tokenizer import EOS_ID, get_tokenizer, text_to_token_ids, token_ids_to_text
 from .training import LanguageModelTask, Trainer, TrainConfig
-from .weights import assign, download_and_load_gpt2, from_pretrained, load_weights_into_gpt, save_hf
+from .weights import assign, download_and_load_gpt2, from_pretrained, load_classifier, load_weights_into_gpt, save_hf
 
 __all__ = [
     # the model
@@ -58,8 +61,12 @@ __all__ = [
     "hellaswag_accuracy", "HellaSwagExample",
     # serving
     "create_app", "chat_prompt",
+    # fine-tuning: LoRA, frozen layers, memory
+    "LoRALinear", "LoRAConfig", "apply_lora", "merge_lora", "has_lora", "weights_fingerprint", "freeze",
+    "trainable_parameters", "store_frozen_in", "LowPrecisionLinear", "checkpoint_blocks", "CheckpointedBlock",
+    "peak_memory_mb",
     # classification, inspection
-    "GPTClassifier", "freeze", "nearest_neighbors", "hidden_states", "attention_maps", "plot_attention",
+    "GPTClassifier", "nearest_neighbors", "hidden_states", "attention_maps", "plot_attention",
     "plot_attention_grid",
     # errors
     "MinigptError", "ConfigError", "DataError", "CheckpointError", "DownloadError", "NonFiniteLoss",

@@ -25,13 +25,14 @@ from safetensors.torch import load_file, save_file
 from .config import GPTConfig
 from .errors import CheckpointError
 from .files import HashingWriter, atomic_dir, check_storage, sha256_file
+from .lora import LoRAConfig, apply_lora, has_lora, weights_fingerprint
 from .model import GPTModel
 
 if TYPE_CHECKING:
     from .classifier import GPTClassifier
 
 __all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "TRAINER_FILE", "FORMAT", "CheckpointError", "save_model", "load_model",
-           "load_classifier", "read_config", "load_state_into", "load_trainer_state", "model_tensors",
+           "read_config", "load_state_into", "load_trainer_state", "model_tensors",
            "load_tensors_file", "verify_file"]
 
 CONFIG_FILE = "config.json"
@@ -43,10 +44,14 @@ FORMAT = "minigpt"
 def model_tensors(model: GPTModel | GPTClassifier,
                   state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's state (or `state`, e.g. gathered from shards) as contiguous tensors,
-    a tied output head stored once."""
+    a tied output head stored once; for a model with LoRA adapters, only what training changes
+    (the parameters that require gradients: the adapters, a new head, unfrozen layers)."""
     state = dict(model.state_dict() if state is None else state)
+    if has_lora(model):
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trainable}
     if model.cfg.tie_weights:
-        state.pop("out_head.weight")
+        state.pop("out_head.weight", None)
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
@@ -60,6 +65,13 @@ def save_model(model: GPTModel | GPTClassifier, path: str | os.PathLike, metadat
     A full disk or a file-size limit is a `StorageError` naming the file; `path` is then untouched.
     """
     path = Path(path)
+    lora = getattr(model, "lora_config", None)
+    if lora is not None:
+        if lora.base is None or lora.base_sha256 is None:
+            raise CheckpointError(f"{path}: a LoRA model is saved as its adapters on top of its base: set "
+                                  "lora_config.base (what from_pretrained reads it from) and base_sha256 "
+                                  "(weights_fingerprint of the base), or merge_lora(model) first")
+        metadata = {**(metadata or {}), "lora": lora.to_dict()}
     with atomic_dir(path) as tmp:
         files = {WEIGHTS_FILE: _save_weights(model_tensors(model, state), tmp / WEIGHTS_FILE, path / WEIGHTS_FILE)}
         for name, obj in (extra_files or {}).items():
@@ -134,6 +146,9 @@ def read_config(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, Any]]:
 def load_state_into(model: GPTModel | GPTClassifier, state: dict[str, torch.Tensor], source: str) -> None:
     """Copy `state` into `model`, naming any missing, unexpected or mis-shaped tensor."""
     expected = model_tensors(model)
+    if has_lora(model):  # the adapters, and whichever other parameters the run trained
+        full = model.state_dict()
+        expected = {k: v for k, v in full.items() if k in state or k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected) - {"out_head.weight"})
     if missing or unexpected:
@@ -157,11 +172,14 @@ def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None, **config_overrides: Any) -> GPTModel | GPTClassifier:
+               dtype: torch.dtype | None = None, base: GPTModel | None = None,
+               **config_overrides: Any) -> GPTModel | GPTClassifier:
     """Load a model directory written by `save_model` (or a training checkpoint), in eval mode.
 
     A classifier checkpoint (its config.json records `train_args.labels`) gives a
-    `minigpt.classifier.GPTClassifier`, any other a `GPTModel`.
+    `minigpt.classifier.GPTClassifier`, any other a `GPTModel`. A LoRA checkpoint holds adapters
+    only: `base` is the model they were trained on (checked against the fingerprint they
+    recorded); `from_pretrained(path)` finds and loads it.
     """
     path = Path(path)
     if not path.is_dir():
@@ -170,7 +188,9 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
     state = _read_weights(path, meta)
     cfg = cfg.replace(**config_overrides)
     train_args = meta.get("train_args") or {}
-    if "labels" in train_args:
+    if "lora" in meta:
+        model = _adapted(path, base, LoRAConfig(**meta["lora"]), train_args)
+    elif "labels" in train_args:
         from .classifier import GPTClassifier  # only classifier checkpoints need it
 
         model = GPTClassifier(cfg, train_args["labels"], train_args.get("max_length"))
@@ -180,13 +200,22 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
     return model.to(device=device, dtype=dtype).eval()
 
 
-def load_classifier(path: str | os.PathLike, device: torch.device | str = "cpu") -> GPTClassifier:
-    """A classifier checkpoint written by `python -m minigpt.classify train`, in eval mode."""
-    _, meta = read_config(path)
-    if "labels" not in (meta.get("train_args") or {}):
-        raise CheckpointError(f"{path}: not a classifier checkpoint (its config.json records no labels); "
-                              "make one with python -m minigpt.classify train")
-    return load_model(path, device)
+def _adapted(path: Path, base: GPTModel | None, lora: LoRAConfig,
+             train_args: dict[str, Any]) -> GPTModel | GPTClassifier:
+    """`base` (checked) with the LoRA checkpoint's adapters (still untrained) and, for a classifier, its head."""
+    if base is None:
+        raise CheckpointError(f"{path}: a LoRA checkpoint (adapters on top of {lora.base}); load it with "
+                              f"from_pretrained({str(path)!r}), which reads its base too, or pass base=")
+    if weights_fingerprint(base) != lora.base_sha256:
+        raise CheckpointError(f"{path}: its adapters were trained on other weights than the base given "
+                              f"({lora.base}: fingerprint {weights_fingerprint(base)[:12]}, the checkpoint's "
+                              f"{lora.base_sha256[:12]}); load them on the base they were trained on")
+    model: GPTModel | GPTClassifier = base
+    if "labels" in train_args:
+        from .classifier import GPTClassifier
+
+        model = GPTClassifier.from_gpt(base, train_args["labels"], train_args.get("max_length"))
+    return apply_lora(model, lora)
 
 
 def load_trainer_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -230,23 +230,6 @@ class GPTClassifier(nn.Module):
         self.gpt.check_token_ids(in_idx)
 
 
-def freeze(model: GPTClassifier, trainable_blocks: int | None) -> int:
-    """Train only the last `trainable_blocks` transformer blocks, the final norm and the head
-    (None: the whole model); returns the number of trainable parameters.
-
-    The tutorial's choice (1 block) keeps most of what pretraining learned fixed, trains fast,
-    and is about as accurate as training everything on small data sets.
-    """
-    n_layers = len(model.trf_blocks)
-    if trainable_blocks is not None and not 0 <= trainable_blocks <= n_layers:
-        raise ConfigError(f"--trainable-blocks must be in [0, {n_layers}] or 'all', got {trainable_blocks}")
-    model.requires_grad_(trainable_blocks is None)
-    if trainable_blocks is not None:
-        for module in (*model.trf_blocks[n_layers - trainable_blocks:], model.final_norm, model.out_head):
-            module.requires_grad_(True)
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 # ----------------------------------------------------------------------------------------------
 # Training and evaluation
 

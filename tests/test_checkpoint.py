@@ -10,7 +10,8 @@ import torch
 
 from minigpt import GPTModel
 from minigpt.files import sha256_file
-from minigpt.checkpoint import (CONFIG_FILE, FORMAT, TRAINER_FILE, WEIGHTS_FILE, CheckpointError, load_classifier,
+from minigpt.weights import load_classifier
+from minigpt.checkpoint import (CONFIG_FILE, FORMAT, TRAINER_FILE, WEIGHTS_FILE, CheckpointError,
                                 load_model, load_trainer_state, read_config, save_model)
 
 

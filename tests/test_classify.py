@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 from minigpt import GPTModel, get_preset
-from minigpt.checkpoint import load_classifier, save_model
-from minigpt.classifier import (GPTClassifier, encode_texts, evaluate_dataset, freeze, make_dataset, predict,
+from minigpt.checkpoint import save_model
+from minigpt.weights import load_classifier
+from minigpt.finetune import freeze
+from minigpt.classifier import (GPTClassifier, encode_texts, evaluate_dataset, make_dataset, predict,
                                 read_examples, sort_labels)
 from minigpt.cli.classify import main, resolve_checkpoint
 from minigpt.errors import DataError

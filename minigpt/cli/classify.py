@@ -15,29 +15,23 @@ import torch
 from torch.utils.data import TensorDataset
 
 from ..backends import keep_freed_memory, optimize_for_cpu
-from ..checkpoint import CONFIG_FILE, load_classifier, load_trainer_state, read_config
-from ..classifier import (ClassificationTask, GPTClassifier, balance, evaluate_dataset, format_scores, freeze,
+from ..checkpoint import CONFIG_FILE, load_trainer_state, read_config
+from ..classifier import (ClassificationTask, GPTClassifier, balance, evaluate_dataset, format_scores,
                           make_dataset, predict, read_examples, sort_labels, split_indices, tokenize)
 from ..config import get_preset
 from ..device import DTYPES, resolve_device
 from ..errors import CheckpointError, ConfigError, DataError
+from ..finetune import peak_memory_mb
+from ..lora import LoRAConfig, has_lora
 from ..model import GPTModel
 from ..tokenizer import get_tokenizer
 from ..training import Trainer, TrainConfig, list_checkpoints
 from ..training.checkpoints import claim_run_dir, recover_checkpoints
 from .common import resume_defaults, run
+from .finetune_args import FINETUNE_FLAGS, add_finetune_args, lora_config, prepare
 
 # Flags that shape the model: a resumed run must keep them.
-MODEL_ARGS = ("init_from", "preset", "drop_rate", "trainable_blocks", "max_length")
-
-
-def _blocks(value: str) -> int | None:
-    if value == "all":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of blocks or 'all', got {value!r}") from None
+MODEL_ARGS = ("init_from", "preset", "drop_rate", "max_length", *FINETUNE_FLAGS)
 
 
 def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -71,8 +65,6 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
                         "(e.g. runs/the-verdict/checkpoints/step-000100), Hugging Face's or OpenAI's")
     g.add_argument("--preset", default=None, help="instead, start from random weights of this shape (e.g. tiny)")
     g.add_argument("--drop-rate", type=float, default=None, help="override the model's dropout")
-    g.add_argument("--trainable-blocks", type=_blocks, default=1,
-                   help="train the last N transformer blocks (plus final norm and head); 'all': everything")
     g = t.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=5)
     g.add_argument("--max-steps", type=int, default=None, help="stop after this many steps instead")
@@ -97,6 +89,8 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
                    help="replace the run already in --out-dir (its checkpoints and metrics are deleted)")
     g.add_argument("--report-to", choices=("none", "tensorboard", "wandb"), default="none")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_finetune_args(t, "train the last N transformer blocks (plus final norm and head); all: everything; "
+                         "auto: 1 (the tutorial's), or 0 with --lora-rank (the adapters and the head)")
     if train_defaults:
         t.set_defaults(**train_defaults)
 
@@ -203,13 +197,16 @@ def load_splits(args: argparse.Namespace, labels: Sequence[str] | None
     return splits, labels
 
 
-def _new_classifier(args: argparse.Namespace, labels: list[str], train_tokens: list[list[int]]) -> GPTClassifier:
+def _new_classifier(args: argparse.Namespace, labels: list[str],
+                    train_tokens: list[list[int]]) -> tuple[GPTClassifier, LoRAConfig | None]:
+    """A classifier on the pretrained base, and the LoRA settings naming that base (if --lora-rank)."""
     base = base_model(args)
     ctx = base.cfg.context_length
     if args.max_length is not None and args.max_length > ctx:
         raise ConfigError(f"--max-length {args.max_length} exceeds the model's context length {ctx}")
     max_length = args.max_length or min(ctx, max(map(len, train_tokens)))
-    return GPTClassifier.from_gpt(base, labels, max_length).train()
+    lora = lora_config(args, base)
+    return GPTClassifier.from_gpt(base, labels, max_length).train(), lora
 
 
 def setup(args: argparse.Namespace) -> tuple[Trainer, dict[str, TensorDataset]]:
@@ -217,12 +214,12 @@ def setup(args: argparse.Namespace) -> tuple[Trainer, dict[str, TensorDataset]]:
     check_args(args)
     out_dir = default_out_dir(args.data, args.out_dir)
     torch.manual_seed(args.seed)
-    model = load_classifier(args.resume) if args.resume else None
+    model = _read_classifier(args.resume) if args.resume else None
     splits, labels = load_splits(args, model.labels if model else None)
     tokenizer = get_tokenizer()
     tokens = {name: tokenize(texts, tokenizer) for name, (texts, _) in splits.items()}
-    model = model or _new_classifier(args, labels, tokens["train"])
-    freeze(model, args.trainable_blocks)
+    model, lora = (model, None) if model else _new_classifier(args, labels, tokens["train"])
+    print(prepare(model, args, lora, classifier=True), file=sys.stderr)
     datasets = {name: make_dataset(tokens[name], splits[name][1], labels, model.max_length) for name in splits}
     for dataset in datasets.values():
         if len(dataset):
@@ -258,10 +255,10 @@ def train_command(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     trainer, datasets = setup(args)
     model = trainer.model
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n = args.trainable_blocks
     blocks = "everything" if n is None else f"the last {n} block(s), final norm and head"
-    print(f"model: {model.num_parameters():,} parameters, {trainable:,} trainable ({blocks}); "
+    lora = " and the LoRA adapters" if has_lora(model) else ""
+    print(f"model: {model.num_parameters():,} parameters; training {blocks}{lora}; "
           f"{trainer.total_steps} steps on {trainer.device}", file=sys.stderr)
     result = trainer.fit()
     report = {name: evaluate_dataset(model, dataset, args.batch_size, trainer.device)
@@ -271,11 +268,18 @@ def _train(args: argparse.Namespace) -> int:
         print(format_scores(name, scores_))
     print(f"{result['steps']} steps in {result['seconds']:.0f} s")
     print(f"checkpoint: {result['checkpoint']}\nmetrics: {result['metrics']}\nplot: {result['plot']}")
+    print(f"peak memory: {peak_memory_mb(trainer.device):,.0f} MB")
     return 0
 
 
+def _read_classifier(path: Path | str, device: torch.device | str = "cpu") -> GPTClassifier:
+    from ..weights import load_classifier  # the weights package reads a LoRA checkpoint's base
+
+    return load_classifier(path, device)
+
+
 def _load(args: argparse.Namespace) -> GPTClassifier:
-    model = load_classifier(resolve_checkpoint(args.checkpoint), resolve_device(args.device))
+    model = _read_classifier(resolve_checkpoint(args.checkpoint), resolve_device(args.device))
     optimize_for_cpu(model.gpt)
     return model
 

@@ -7,7 +7,8 @@ Convert OpenAI's TensorFlow checkpoint once, and later loads are fast and need n
     python -m minigpt.convert --from openai gpt2 --to minigpt models/gpt2-124M
 
 SRC is a checkpoint directory (or a file in it); with `--from openai` it may also be a
-GPT-2 name ("gpt2", "124M", ...), downloaded if needed as by `from_pretrained`.
+GPT-2 name ("gpt2", "124M", ...), downloaded if needed as by `from_pretrained`. A LoRA
+checkpoint is exported with `--merge-lora`: its adapters folded into its base's weights.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from ..checkpoint import save_model
 from ..errors import ConfigError
+from ..lora import has_lora, merge_lora
 from ..weights import from_pretrained, save_hf
 from .common import run
 
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default $MINIGPT_MODELS_DIR or ~/.cache/minigpt/gpt2)")
     parser.add_argument("--mirror-url", help="base URL to fall back on if OpenAI's download fails")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    parser.add_argument("--merge-lora", action="store_true",
+                        help="fold a LoRA checkpoint's adapters into its base weights (a plain model)")
     return parser
 
 
@@ -49,6 +53,11 @@ def _main(argv: Sequence[str] | None) -> int:
     if dst_path.exists() and not args.overwrite:
         raise ConfigError(f"{dst} already exists; pass --overwrite to replace it")
     model = from_pretrained(src, fmt=src_format, models_dir=args.models_dir, mirror_url=args.mirror_url)
+    if has_lora(model):
+        if not args.merge_lora:
+            raise ConfigError(f"{src} is a LoRA checkpoint (adapters on top of {model.lora_config.base}); "
+                              "pass --merge-lora to fold them into the weights")
+        merge_lora(model)
     if dst_format == "hf":
         save_hf(model, dst_path)
     else:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..checkpoint import CONFIG_FILE, FORMAT, load_model
+from ..checkpoint import CONFIG_FILE, FORMAT, load_model, read_config
 from ..device import resolve_device
 from ..errors import CheckpointError
-from ..model import GPTModel
+from ..model import GPTModel, crop_context
 from .download import default_models_dir, download_gpt2_files, openai_model_size
 from .hf import load_hf
 from .openai import HPARAMS_FILE, INDEX_FILE, load_openai
+
+if TYPE_CHECKING:
+    from ..classifier import GPTClassifier
 
 FORMATS = ("openai", "hf", "minigpt")
 
@@ -82,5 +85,30 @@ def from_pretrained(name_or_path: str | os.PathLike, device: str | torch.device 
     elif fmt == "hf":
         model = load_hf(path, **config_overrides)
     else:
-        model = load_model(directory, **config_overrides)
+        model = _load_minigpt(directory, models_dir, mirror_url, **config_overrides)
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _load_minigpt(directory: Path, models_dir: str | os.PathLike | None, mirror_url: str | None,
+                  **config_overrides: Any) -> GPTModel:
+    """A minigpt model directory; for a LoRA checkpoint, its base (read from where the checkpoint
+    says, cropped to its context) with the adapters on top."""
+    cfg, meta = read_config(directory)
+    lora = meta.get("lora")
+    if not isinstance(lora, dict):
+        return load_model(directory, **config_overrides)
+    overrides = {"drop_rate": cfg.drop_rate, "arithmetic": cfg.arithmetic, **config_overrides}
+    base = from_pretrained(lora.get("base"), models_dir=models_dir, mirror_url=mirror_url, **overrides)
+    if base.cfg.context_length != cfg.context_length:
+        crop_context(base, cfg.context_length)
+    return load_model(directory, base=base)
+
+
+def load_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> GPTClassifier:
+    """A classifier checkpoint written by `python -m minigpt.classify train` (a LoRA one with its
+    base), in eval mode."""
+    _, meta = read_config(path)
+    if "labels" not in (meta.get("train_args") or {}):
+        raise CheckpointError(f"{path}: not a classifier checkpoint (its config.json records no labels); "
+                              "make one with python -m minigpt.classify train")
+    return from_pretrained(path, device, fmt="minigpt")
