@@ -23,6 +23,8 @@ from .evaluation import (HellaSwagExample, PerplexityResult, evaluate_perplexity
 from .finetune import (CheckpointedBlock, LowPrecisionLinear, checkpoint_blocks, freeze, peak_memory_mb,
                        store_frozen_in, trainable_parameters)
 from .generation import SamplingConfig, generate, generate_tokens, stream
+from .head_tasks import HiddenStatesTask, QuestionAnsweringTask, TokenClassificationTask
+from .heads import GPTBaseModel, GPTForQuestionAnswering, GPTForTokenClassification, best_spans, build_head, span_loss
 from .inspection import attention_maps, hidden_states, nearest_neighbors
 from .lora import LoRAConfig, LoRALinear, apply_lora, has_lora, merge_lora, weights_fingerprint
 from .loss import linear_cross_entropy, perplexity
@@ -65,6 +67,9 @@ __all__ = [
     "LoRALinear", "LoRAConfig", "apply_lora", "merge_lora", "has_lora", "weights_fingerprint", "freeze",
     "trainable_parameters", "store_frozen_in", "LowPrecisionLinear", "checkpoint_blocks", "CheckpointedBlock",
     "peak_memory_mb",
+    # heads: hidden states, token classification, question answering
+    "GPTBaseModel", "GPTForTokenClassification", "GPTForQuestionAnswering", "best_spans", "build_head", "span_loss",
+    "TokenClassificationTask", "QuestionAnsweringTask", "HiddenStatesTask",
     # classification, inspection
     "GPTClassifier", "nearest_neighbors", "hidden_states", "attention_maps", "plot_attention",
     "plot_attention_grid",

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .config import GPTConfig
 from .errors import CheckpointError
@@ -65,6 +65,9 @@ def save_model(model: GPTModel | GPTClassifier, path: str | os.PathLike, metadat
     A full disk or a file-size limit is a `StorageError` naming the file; `path` is then untouched.
     """
     path = Path(path)
+    head_config = getattr(model, "head_config", None)  # the heads of minigpt.heads say how to rebuild them
+    if head_config is not None:
+        metadata = {**(metadata or {}), "head": head_config()}
     lora = getattr(model, "lora_config", None)
     if lora is not None:
         if lora.base is None or lora.base_sha256 is None:
@@ -143,31 +146,48 @@ def read_config(path: str | os.PathLike) -> tuple[GPTConfig, dict[str, Any]]:
         raise CheckpointError(f"{file}: unreadable config ({type(e).__name__}: {e})") from e
 
 
-def load_state_into(model: GPTModel | GPTClassifier, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `state` into `model`, naming any missing, unexpected or mis-shaped tensor."""
+def _expected(model: GPTModel | GPTClassifier, shapes: dict[str, tuple[int, ...]],
+              source: str) -> dict[str, torch.Tensor]:
+    """The model's tensors a state with these `shapes` must fill; a `CheckpointError` naming any
+    missing, unexpected or mis-shaped one."""
     expected = model_tensors(model)
     if has_lora(model):  # the adapters, and whichever other parameters the run trained
         full = model.state_dict()
-        expected = {k: v for k, v in full.items() if k in state or k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected) - {"out_head.weight"})
+        expected = {k: v for k, v in full.items() if k in shapes or k.rsplit(".", 1)[-1] in ("lora_A", "lora_B")}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected) - {"out_head.weight"})
     if missing or unexpected:
         raise CheckpointError(f"{source}: missing tensors {missing}, unexpected tensors {unexpected}")
-    for name, tensor in state.items():
-        if name in expected and tuple(tensor.shape) != tuple(expected[name].shape):
-            raise CheckpointError(f"{source}: {name} has shape {tuple(tensor.shape)}, "
-                                  f"the model expects {tuple(expected[name].shape)}")
+    for name, shape in shapes.items():
+        if name in expected and shape != tuple(expected[name].shape):
+            raise CheckpointError(f"{source}: {name} has shape {shape}, the model expects "
+                                  f"{tuple(expected[name].shape)}")
+    return expected
+
+
+def load_state_into(model: GPTModel | GPTClassifier, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into `model`, naming any missing, unexpected or mis-shaped tensor."""
+    _expected(model, {k: tuple(v.shape) for k, v in state.items()}, source)
     model.load_state_dict(state, strict=False)
 
 
-def _read_weights(path: Path, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _read_weights_into(model: GPTModel | GPTClassifier, path: Path, meta: dict[str, Any]) -> None:
+    """Copy the checkpoint's weights into `model` one tensor at a time: a model never sits in
+    memory twice, however large."""
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise CheckpointError(f"{path}: {WEIGHTS_FILE} is missing")
     verify_file(path, WEIGHTS_FILE, meta)
     try:
-        return load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
+        with safe_open(str(weights), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            state = model.state_dict()  # views of the parameters: copying into them loads them
+            _expected(model, shapes, str(weights))
+            with torch.no_grad():
+                for name in shapes:
+                    if name in state:
+                        state[name].copy_(f.get_tensor(name))
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights}: corrupt or truncated ({e})") from e
 
 
@@ -185,18 +205,21 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu",
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
     cfg, meta = read_config(path)
-    state = _read_weights(path, meta)
     cfg = cfg.replace(**config_overrides)
     train_args = meta.get("train_args") or {}
     if "lora" in meta:
         model = _adapted(path, base, LoRAConfig(**meta["lora"]), train_args)
+    elif "head" in meta:
+        from .heads import build_head  # only head checkpoints need it
+
+        model = build_head(cfg, meta["head"])
     elif "labels" in train_args:
         from .classifier import GPTClassifier  # only classifier checkpoints need it
 
         model = GPTClassifier(cfg, train_args["labels"], train_args.get("max_length"))
     else:
         model = GPTModel(cfg)
-    load_state_into(model, state, str(path / WEIGHTS_FILE))
+    _read_weights_into(model, path, meta)
     return model.to(device=device, dtype=dtype).eval()
 
 

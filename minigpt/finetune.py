@@ -41,9 +41,10 @@ def freeze(model: nn.Module, trainable_blocks: int | None, train_head: bool = Tr
     if trainable_blocks is not None:
         for module in model.trf_blocks[n_layers - trainable_blocks:]:
             module.requires_grad_(True)
-        if train_head:
-            model.final_norm.requires_grad_(True)
-            model.out_head.requires_grad_(True)
+        if train_head:  # a base model (minigpt.heads.GPTBaseModel) has no head
+            for module in (model.final_norm, getattr(model, "out_head", None)):
+                if module is not None:
+                    module.requires_grad_(True)
     if freeze_embeddings:
         model.tok_emb.requires_grad_(False)
         model.pos_emb.requires_grad_(False)

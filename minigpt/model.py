@@ -294,25 +294,13 @@ class GPTModel(nn.Module):
             bad = lo if lo < 0 else hi
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.cfg.vocab_size})")
 
-    def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None,
-                left_pad: torch.Tensor | None = None, last_only: bool = False,
-                targets: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (batch, tokens, vocab_size) for token ids (batch, tokens).
+    def hidden_states(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None,
+                      left_pad: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """The final LayerNorm's output (batch, tokens, emb_dim) for token ids (batch, tokens):
+        what the output head reads, and what other heads (`minigpt.heads`) read instead.
 
-        With a `kv_cache`, `in_idx` continues the cached sequence and the cache is advanced.
-        `left_pad` (batch,) counts the padding slots at the start of each row (prompts of
-        different lengths, right-aligned): they are masked out and each row's positions
-        start at its first real token, so a row gets the logits it would get alone.
-        `last_only` computes the output head for the last position only (batch, 1, vocab):
-        all that decoding needs, and the head is the largest matrix multiply.
-        With `targets` (batch, tokens), return instead the mean cross-entropy of the next-token
-        predictions, computed without materialising the logits (`linear_cross_entropy`):
-        `targets` are the tutorial's, already shifted (`targets[:, i]` is the token after
-        `in_idx[:, i]`). `labels` are Hugging Face's (`labels=input_ids`): the model shifts them,
-        scoring position i against `labels[:, i + 1]`. Either way -100 marks a token not scored.
+        `kv_cache`, `left_pad` and `last_only` are `forward`'s (last_only: (batch, 1, emb_dim)).
         """
-        if targets is not None and labels is not None:
-            raise ValueError("give targets (already shifted, the tutorial's) or labels (Hugging Face's), not both")
         start = 0 if kv_cache is None else kv_cache.length
         self.check_input(in_idx, start)
         n = in_idx.shape[1]
@@ -330,7 +318,28 @@ class GPTModel(nn.Module):
             kv_cache.length += n
         if last_only:
             x = x[:, -1:]
-        x = self.final_norm(x)
+        return self.final_norm(x)
+
+    def forward(self, in_idx: torch.Tensor, kv_cache: KVCache | None = None,
+                left_pad: torch.Tensor | None = None, last_only: bool = False,
+                targets: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (batch, tokens, vocab_size) for token ids (batch, tokens): `out_head(hidden_states(...))`.
+
+        With a `kv_cache`, `in_idx` continues the cached sequence and the cache is advanced.
+        `left_pad` (batch,) counts the padding slots at the start of each row (prompts of
+        different lengths, right-aligned): they are masked out and each row's positions
+        start at its first real token, so a row gets the logits it would get alone.
+        `last_only` computes the output head for the last position only (batch, 1, vocab):
+        all that decoding needs, and the head is the largest matrix multiply.
+        With `targets` (batch, tokens), return instead the mean cross-entropy of the next-token
+        predictions, computed without materialising the logits (`linear_cross_entropy`):
+        `targets` are the tutorial's, already shifted (`targets[:, i]` is the token after
+        `in_idx[:, i]`). `labels` are Hugging Face's (`labels=input_ids`): the model shifts them,
+        scoring position i against `labels[:, i + 1]`. Either way -100 marks a token not scored.
+        """
+        if targets is not None and labels is not None:
+            raise ValueError("give targets (already shifted, the tutorial's) or labels (Hugging Face's), not both")
+        x = self.hidden_states(in_idx, kv_cache, left_pad, last_only)
         if labels is not None:
             x, targets = x[:, :-1], labels[:, 1:]
         if targets is not None:
