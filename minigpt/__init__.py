@@ -5,16 +5,18 @@ whatever was imported before. The commands live in `minigpt.cli` (`python -m min
 runs `minigpt.cli.train.main`).
 """
 
-from .backends import cpu_has_bf16_arithmetic, keep_freed_memory, optimize_for_cpu
+from .backends import (QuantizedLinear, QuantizedTrainingError, cpu_has_bf16_arithmetic, keep_freed_memory,
+                       optimize_for_cpu, quantize_weights)
 from .book import (calc_loss_batch, calc_loss_loader, evaluate_model, generate_and_print_sample,
                    generate_greedy_text, generate_next_greedy_token, generate_text_simple, print_sampled_tokens,
                    softmax_with_temperature, train_model_simple)
 from .checkpoint import load_model, save_model
 from .classifier import GPTClassifier
 from .config import PRESETS, GPTConfig, get_preset
-from .data import (NAMED_CORPORA, DocumentChunkDataset, GPTDatasetV1, TokenWindowDataset, chunk_documents,
-                   create_dataloader_v1, iter_documents, load_token_ids, pack_documents, resolve_corpus,
-                   split_documents, split_tokens)
+from .data import (NAMED_CORPORA, DocumentChunkDataset, GPTDatasetV1, TokenCorpus, TokenDocuments, TokenWindowDataset,
+                   chunk_documents, create_dataloader_v1, document_starts, iter_documents, load_token_ids,
+                   load_tokens, pack_documents, resolve_corpus, split_corpus, split_documents, split_tokens,
+                   window_dataset)
 from .device import resolve_device
 from .errors import (CheckpointError, ConfigError, DataError, DirectoryInUse, DownloadError, MinigptError,
                      MissingExtra, NonFiniteLoss, StorageError)
@@ -40,13 +42,15 @@ __all__ = [
     "GPTConfig", "PRESETS", "get_preset", "LayerNorm", "GELU", "FeedForward", "MultiHeadAttention",
     "TransformerBlock", "GPTModel", "KVCache", "crop_context", "resolve_device",
     # the CPU backend
-    "optimize_for_cpu", "cpu_has_bf16_arithmetic", "keep_freed_memory",
+    "optimize_for_cpu", "cpu_has_bf16_arithmetic", "keep_freed_memory", "quantize_weights", "QuantizedLinear",
+    "QuantizedTrainingError",
     # text
     "get_tokenizer", "text_to_token_ids", "token_ids_to_text", "EOS_ID",
     # data
     "NAMED_CORPORA", "resolve_corpus", "iter_documents", "load_token_ids", "split_tokens",
     "TokenWindowDataset", "GPTDatasetV1", "create_dataloader_v1", "pack_documents", "chunk_documents",
-    "split_documents", "DocumentChunkDataset",
+    "split_documents", "DocumentChunkDataset", "load_tokens", "TokenCorpus", "TokenDocuments", "split_corpus",
+    "window_dataset", "document_starts",
     # the book's procedures
     "train_model_simple", "evaluate_model", "generate_and_print_sample", "calc_loss_batch", "calc_loss_loader",
     "generate_text_simple", "softmax_with_temperature", "print_sampled_tokens", "generate_next_greedy_token",

@@ -100,6 +100,13 @@ _GPT2_SIZES = {
     "gpt2-xl (1558M)": dict(emb_dim=1600, n_layers=48, n_heads=25),
 }
 PRESETS: dict[str, GPTConfig] = {name: GPTConfig(**dims) for name, dims in _GPT2_SIZES.items()}
+# OpenAI's GPT-2 as released (and as transformers' GPT2LMHeadModel builds it): biases on Q, K, V,
+# the output head tied to the token embedding, the paper's init; the tutorial's presets untie the
+# head and drop those biases.
+HF_SUFFIX = "-hf"
+for _name, _dims in _GPT2_SIZES.items():
+    _short = _name.split(" ")[0].replace("gpt2-small", "gpt2")
+    PRESETS[_short + HF_SUFFIX] = GPTConfig(**_dims, qkv_bias=True, tie_weights=True, init="gpt2")
 # Small enough to train in seconds on a laptop CPU; used by the tests and quick runs.
 PRESETS["tiny"] = GPTConfig(context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
 
@@ -111,8 +118,18 @@ PRESET_ALIASES = {
 }
 
 
+PRESET_ALIASES.update({"gpt2-small-hf": "gpt2-hf", "124M-hf": "gpt2-hf", "355M-hf": "gpt2-medium-hf",
+                       "774M-hf": "gpt2-large-hf", "1558M-hf": "gpt2-xl-hf"})
+
+
+def is_openai_architecture(name: str) -> bool:
+    """Whether preset `name` is one of OpenAI's GPT-2 as released (`gpt2-hf`, ..., `gpt2-xl-hf`)."""
+    return PRESET_ALIASES.get(name, name).endswith(HF_SUFFIX)
+
+
 def get_preset(name: str, **overrides: Any) -> GPTConfig:
-    """Return a preset by full name or alias (`gpt2`, `124M`, `gpt2-medium`, ..., `tiny`)."""
+    """Return a preset by full name or alias: the tutorial's `gpt2` (`124M`), `gpt2-medium`, ...,
+    `tiny`, or OpenAI's released architecture `gpt2-hf`, `gpt2-medium-hf`, ..., `gpt2-xl-hf`."""
     key = PRESET_ALIASES.get(name, name)
     if key not in PRESETS:
         choices = sorted(set(PRESETS) | set(PRESET_ALIASES))

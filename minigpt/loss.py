@@ -52,8 +52,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
                 chunk_rows: int, mm_dtype: torch.dtype, products: HeadProducts, need_grad: bool) -> torch.Tensor:
         ignored = targets == IGNORE_INDEX
-        masked = bool(ignored.any())  # one check per call; rows without a target add nothing
-        n = targets.numel() - int(ignored.sum()) if masked else targets.numel()
+        n = (~ignored).sum()  # a tensor: reading it on the host would wait for the device every step
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if need_grad else None
         vocab = weight.shape[0]
@@ -62,22 +61,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = grad_buf = None
         if need_grad:
             grad_weight = torch.zeros(vocab, weight.shape[1], device=weight.device)
-            grad_buf = torch.zeros(min(chunk_rows, n), vocab + -vocab % 64, dtype=mm_dtype, device=hidden.device)
+            grad_buf = torch.zeros(min(chunk_rows, len(targets)), vocab + -vocab % 64, dtype=mm_dtype,
+                                   device=hidden.device)
         w = weight.to(mm_dtype)  # cast once, not per chunk
         with torch.autocast(hidden.device.type, enabled=False):
-            for start in range(0, n, chunk_rows):
+            for start in range(0, len(targets), chunk_rows):  # every row: the ignored ones anywhere
                 h, t = hidden[start:start + chunk_rows].to(mm_dtype), targets[start:start + chunk_rows]
-                keep = ~ignored[start:start + chunk_rows, None] if masked else None
-                t = t.masked_fill(~keep[:, 0], 0) if masked else t
+                skip = ignored[start:start + chunk_rows, None]
+                t = t.masked_fill(skip[:, 0], 0)  # any valid index; its row adds nothing below
                 log_probs = torch.log_softmax(products.mm_nt(h, w), dim=-1, dtype=torch.float32)
                 picked = log_probs.gather(1, t[:, None])
-                total -= (picked * keep).sum() if masked else picked.sum()
+                total -= picked.masked_fill(skip, 0.0).sum()
                 if need_grad:
                     # n * d loss / d logits = softmax - one_hot; backward applies the 1 / n.
                     grad = log_probs.exp_()
                     grad[torch.arange(len(t), device=t.device), t] -= 1.0
-                    if masked:
-                        grad.mul_(keep)
+                    grad.masked_fill_(skip, 0.0)
                     grad = grad_buf[:len(t), :vocab].copy_(grad)
                     grad_hidden[start:start + chunk_rows] = products.mm_nt(grad, w.t())
                     products.add_mm_nt_(grad_weight, grad.t(), h.t())

@@ -34,7 +34,8 @@ def plot_losses(epochs_seen: Sequence[float], tokens_seen: Sequence[int], train_
     """Training and validation loss against epochs, with tokens seen on a second x-axis."""
     fig, ax1 = _pyplot().subplots(figsize=(5, 3))
     ax1.plot(epochs_seen, train_losses, label="Training loss")
-    ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
+    if any(v == v for v in val_losses):  # a run without validation has only NaNs here
+        ax1.plot(epochs_seen, val_losses, linestyle="-.", label="Validation loss")
     ax1.set_xlabel("Epochs")
     ax1.set_ylabel("Loss")
     ax1.legend(loc="upper right")

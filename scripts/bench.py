@@ -25,9 +25,11 @@ What is compared:
   MFU = model FLOPs per second / measured matmul peak of the dtype, counting 6 x parameters
   (without the position embedding) per token plus attention 12 x layers x context x emb_dim.
 - Generation: greedy, 100 new tokens after an 8-token prompt, GPT-2 124M shape, batch 1 and 8.
-  minigpt with and without its KV cache, in float32 and with bfloat16 weights; Hugging Face
-  `generate` (sdpa, its own cache) in float32. The floor is the time to read all weights once per
-  step at the measured copy bandwidth.
+  minigpt with and without its KV cache, in float32 and in bfloat16 (the whole model), and with
+  weight-only quantized linear layers (`quantize_weights`: "int8 w" and "bf16 w", float32
+  activations); Hugging Face `generate` (sdpa, its own cache) in float32. The floor is the time to
+  read the weights a step reads (every layer's and the head's, not the embedding tables) once per
+  step at the measured copy bandwidth; "of floor" is the share of that speed reached.
 """
 
 from __future__ import annotations
@@ -219,6 +221,18 @@ def train_worker(spec: dict) -> dict:
             "params": params, "peak_rss_mb": peak_rss_mb(), "peak_cuda_mb": peak_cuda_mb(device), "losses": losses}
 
 
+GPT2_SHAPE = (12, 12, 768, 1024)  # n_layers, n_heads, emb_dim, context of the generation rows
+
+
+def step_bytes(model) -> int:
+    """Bytes of the weights one decoding step reads: every parameter and buffer but the embedding
+    tables (a lookup reads one row), the output head's weight included even when tied to one."""
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    head = model.get_output_embeddings().weight if hasattr(model, "get_output_embeddings") else model.out_head.weight
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in tables or t is head}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
 def generate_worker(spec: dict) -> dict:
     device = torch.device(spec["device"])
     kind = spec["kind"]
@@ -226,9 +240,13 @@ def generate_worker(spec: dict) -> dict:
 
     if kind.startswith("minigpt"):
         keep_freed_memory()
-    model = build("minigpt" if kind.startswith("minigpt") else "hf", 12, 12, 768, 1024, device).eval()
+    model = build("minigpt" if kind.startswith("minigpt") else "hf", *spec.get("shape_gen", GPT2_SHAPE), device).eval()
     dtype = torch.bfloat16 if spec["dtype"] == "bf16" else torch.float32
     model = model.to(dtype)
+    if spec.get("weights"):
+        from minigpt.backends.quantize import quantize_weights
+
+        model = quantize_weights(model, spec["weights"])
     gen = torch.Generator().manual_seed(1)
     idx = torch.randint(0, 50256, (spec["batch"], 8), generator=gen).to(device)
     n = spec["new_tokens"]
@@ -250,9 +268,8 @@ def generate_worker(spec: dict) -> dict:
 
     run(10)  # warm-up
     times = [timed(run, device) for _ in range(spec["repeats"])]
-    weight_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
     return {"seconds": statistics.median(times), "tokens_per_s": spec["batch"] * n / statistics.median(times),
-            "weight_bytes": weight_bytes, "peak_rss_mb": peak_rss_mb(), "peak_cuda_mb": peak_cuda_mb(device)}
+            "weight_bytes": step_bytes(model), "peak_rss_mb": peak_rss_mb(), "peak_cuda_mb": peak_cuda_mb(device)}
 
 
 def run_worker(spec: dict, threads: int) -> dict:
@@ -319,19 +336,25 @@ def bench_generation(args, device: torch.device, ceil: dict) -> list[dict]:
     rows = []
     n = 20 if args.quick else 100
     for batch in ((1,) if args.quick else (1, 8)):
-        contenders = [("minigpt", "fp32"), ("minigpt", "bf16"), ("minigpt-nocache", "fp32"), ("hf", "fp32")]
+        contenders = [("minigpt", "fp32"), ("minigpt", "bf16"), ("minigpt", "int8 w"), ("minigpt", "bf16 w"),
+                      ("minigpt-nocache", "fp32"), ("hf", "fp32")]
         if not args.quick and run_emulated_rows(args, ceil):
             contenders.append(("hf", "bf16"))
-        specs = {(kind, dtype): {"kind": kind, "dtype": dtype, "batch": batch, "new_tokens": n, "device": str(device),
+        specs = {(kind, dtype): {"kind": kind, "dtype": "bf16" if dtype == "bf16" else "fp32", "batch": batch,
+                                 "weights": WEIGHT_ROWS.get(dtype), "new_tokens": n, "device": str(device),
                                  "repeats": 1 if args.quick or kind == "minigpt-nocache" else 2}
                  for kind, dtype in contenders}
         results = median_runs(specs, args, "seconds")
+        hf = results[("hf", "fp32")]["tokens_per_s"]
         for (kind, dtype), r in results.items():
-            r.update(batch=batch, dtype=dtype, contender=kind,
-                     floor_tokens_per_s=batch * ceil["copy_gbps"] * 1e9 / r["weight_bytes"],
-                     vs_hf_fp32=r["tokens_per_s"] / results[("hf", "fp32")]["tokens_per_s"])
+            floor = batch * ceil["copy_gbps"] * 1e9 / r["weight_bytes"]
+            r.update(batch=batch, dtype=dtype, contender=kind, floor_tokens_per_s=floor,
+                     of_floor=r["tokens_per_s"] / floor, vs_hf_fp32=r["tokens_per_s"] / hf)
             rows.append(r)
     return rows
+
+
+WEIGHT_ROWS = {"int8 w": "int8", "bf16 w": "bfloat16"}  # generation rows with quantize_weights(model, ...)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -388,11 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         report["generation"] = rows
         print("\ngeneration (greedy, 8-token prompt; new tokens/s; floor = weights read once per step at copy "
               "bandwidth)")
-        print(f"{'batch':5} {'dtype':5} {'contender':16} {'tokens/s':>9} {'vs HF fp32':>10} {'floor':>7} "
-              f"{mem_title:>7}")
+        print(f"{'batch':5} {'dtype':6} {'contender':16} {'tokens/s':>9} {'ms/token':>8} {'vs HF fp32':>10} "
+              f"{'floor':>7} {'of floor':>8} {mem_title:>7}")
         for r in rows:
-            print(f"{r['batch']:5} {r['dtype']:5} {r['contender']:16} {r['tokens_per_s']:9.1f} "
-                  f"{r['vs_hf_fp32']:9.2f}x {r['floor_tokens_per_s']:7.0f} {r[mem_key]:7.0f}")
+            print(f"{r['batch']:5} {r['dtype']:6} {r['contender']:16} {r['tokens_per_s']:9.1f} "
+                  f"{1000 * r['batch'] / r['tokens_per_s']:8.1f} {r['vs_hf_fp32']:9.2f}x "
+                  f"{r['floor_tokens_per_s']:7.0f} {r['of_floor']:8.0%} {r[mem_key]:7.0f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0

@@ -227,3 +227,20 @@ def test_decoding_packs_weights_gives_the_plain_results_and_switches_off_after(d
 
 def test_keep_freed_memory_reports_whether_it_applied():
     assert isinstance(cpu.keep_freed_memory(), bool)
+
+
+@needs_onednn
+@pytest.mark.parametrize("avx512", [True, False])
+def test_one_row_decoding_uses_mkl_on_avx2_and_onednn_on_avx512(monkeypatch, avx512):
+    # oneDNN's fixed cost per call outweighs its product for plain weights on an AVX2 CPU.
+    monkeypatch.setattr(cpu, "_avx512", lambda: avx512)
+    calls = []
+    monkeypatch.setattr(cpu, "onednn_linear", lambda *args: calls.append(1) or F.linear(*args))
+    model = optimize_for_cpu(GPTModel(_small_cfg(tie_weights=True)).eval())
+    idx = torch.randint(0, 100, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = model(idx)
+        calls.clear()
+        with model.decoding(1):
+            torch.testing.assert_close(model(idx), plain, rtol=0, atol=1e-5)
+    assert len(calls) == (6 * 2 + 1 if avx512 else 0)

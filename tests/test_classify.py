@@ -297,3 +297,24 @@ def test_evaluate_dataset_scores(tiny_cfg):
     assert result["classes"]["b"] == {"support": 1, "precision": 0.0, "recall": 0.0}
     expected_loss = torch.nn.functional.cross_entropy(torch.tensor([[1.0, 0.0]] * 4), torch.tensor([0, 0, 0, 1]))
     assert result["loss"] == pytest.approx(expected_loss.item(), rel=1e-5)
+
+
+def test_lora_classifier_saves_adapters_and_head_and_evaluates_from_its_base(tmp_path):
+    base = GPTModel(get_preset("tiny", tie_weights=True))
+    save_model(base, tmp_path / "pretrained")
+    data = write_csv(tmp_path / "data.csv", marker_texts(80, seed=1))
+    code, out, err = run(["train", "--init-from", str(tmp_path / "pretrained"), "--data", str(data),
+                          "--max-steps", "4", "--batch-size", "8", "--lr", "1e-3", "--eval-interval", "0",
+                          "--no-progress", "--lora-rank", "4", "--lora-targets", "attn",
+                          "--out-dir", str(tmp_path / "run")])
+    assert code == 0, err
+    assert "the last 0 block(s), final norm and head and the LoRA adapters" in err
+    ckpt = tmp_path / "run" / "checkpoints" / "step-000004"
+    saved = load_file(ckpt / "model.safetensors")
+    assert {k.rsplit(".", 1)[-1] for k in saved if k.startswith("trf_blocks.")} == {"lora_A", "lora_B"}
+    assert {k for k in saved if not k.startswith("trf_blocks.")} == {
+        "out_head.weight", "out_head.bias", "final_norm.scale", "final_norm.shift"}
+    code, out, err = run(["evaluate", "--checkpoint", str(ckpt), "--data", str(data)])
+    assert code == 0 and "accuracy" in out, err
+    code, _, err = run(["train", "--resume", "latest", "--out-dir", str(tmp_path / "run"), "--lora-rank", "8"])
+    assert code == 2 and "--lora-rank 8 (checkpoint: 4)" in err

@@ -253,7 +253,7 @@ def test_text_is_read_as_open_reads_it(tmp_path):
     ("list.jsonl", "[1, 2]\n", r"line 1 is a JSON list, not an object"),
     ("nofield.jsonl", '{"body": "a", "id": 1}\n', r"line 1 has no field 'text'; its fields are: body, id"),
     ("num.jsonl", '{"text": 3}\n', r"line 1: field 'text' is int, not a string"),
-    ("data.parquet", "PAR1", r"unsupported file type '\.parquet'"),
+    ("data.xml", "<a/>", r"unsupported file type '\.xml'"),
 ])
 def test_bad_sources_name_the_file_and_the_problem(tmp_path, name, content, message):
     path = tmp_path / name

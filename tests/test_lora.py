@@ -185,6 +185,11 @@ def test_lora_checkpoint_loads_on_its_base_and_refuses_another(corpus, base_dir,
     crop_context(base, 32)
     assert not torch.allclose(adapted, base(x), atol=1e-4)  # the adapters learned something
 
+    from minigpt.cli.eval import main as eval_main
+    from minigpt.cli.generate import main as generate_main
+
+    assert generate_main(["--checkpoint", str(ckpt), "--prompt", "the cat", "--max-new-tokens", "5"]) == 0
+    assert eval_main(["perplexity", "--checkpoint", str(ckpt), "--data", str(corpus), "--no-progress"]) == 0
     with pytest.raises(CheckpointError, match="LoRA checkpoint"):
         load_model(ckpt)  # without its base
     other = GPTModel(get_preset("tiny", tie_weights=True, qkv_bias=True, context_length=32))
@@ -215,3 +220,24 @@ def test_lora_needs_pretrained_weights(corpus, tmp_path, capsys):  # noqa: F811
             "--lora-rank", "4", "--max-steps", "1", "--no-progress"]
     assert train_main(args) == 2
     assert "--lora-rank fine-tunes pretrained weights: give --init-from" in capsys.readouterr().err
+
+
+def test_the_jokes_recipe_runs_on_a_small_stand_in(base_dir, tmp_path, capsys):
+    """recipes/jokes-gpt2-xl.toml as one command, with a small CSV and base in place of the
+    short-jokes dataset and GPT-2 XL: jokes templated, packed whole, LoRA on a bfloat16 base."""
+    words = "why did the chicken cross road to get other side a cat dog walks into bar".split()
+    gen = torch.Generator().manual_seed(2)
+    rows = [f'{i},"{" ".join(words[j] for j in torch.randint(0, len(words), (int(n),), generator=gen))}"'
+            for i, n in enumerate(torch.randint(4, 14, (150,), generator=gen), start=1)]
+    data = tmp_path / "shortjokes.csv"
+    data.write_text("ID,Joke\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "jokes-gpt2-xl.toml"
+    out = tmp_path / "jokes"
+    assert train_main(["--config", str(recipe), "--data", str(data), "--init-from", str(base_dir),
+                       "--context-length", "64", "--grad-accum", "2", "--max-steps", "2", "--out-dir", str(out),
+                       "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "trainable parameters: 16,384 of" in err  # rank 16 x (64 + 64) x 4 attention linears x 2 layers
+    config = json.loads((out / "checkpoints" / "step-000002" / "config.json").read_text())
+    assert config["lora"]["rank"] == 16 and config["train_args"]["template"] == "JOKE: {Joke}"
+    assert config["train_args"]["chunking"] == "pack-docs" and config["train_args"]["base_dtype"] == "bfloat16"

@@ -161,3 +161,24 @@ def test_labels_mean_what_they_mean_in_hugging_face(backend):
     torch.testing.assert_close(model(ids[:, :-1], targets=ids[:, 1:]), model(ids, labels=ids), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="not both"):
         model(ids, targets=ids, labels=ids)
+
+
+@pytest.mark.parametrize("chunk_rows", [7, 64, None])
+def test_linear_cross_entropy_skips_ignored_targets_anywhere(chunk_rows):
+    """-100 scattered over the rows and whole chunks of it: the loss and both gradients of
+    F.cross_entropy, which averages over the scored rows only."""
+    gen = torch.Generator().manual_seed(4)
+    hidden = torch.randn(60, 16, generator=gen, requires_grad=True)
+    weight = (0.5 * torch.randn(90, 16, generator=gen)).requires_grad_()
+    targets = torch.randint(0, 90, (60,), generator=gen)
+    targets[torch.rand(60, generator=gen) < 0.3] = -100
+    targets[14:28] = -100
+    loss = linear_cross_entropy(hidden, weight, targets, chunk_rows=chunk_rows)
+    loss.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    expected = F.cross_entropy(hidden @ weight.T, targets)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(grads[0], hidden.grad)
+    torch.testing.assert_close(grads[1], weight.grad)

@@ -177,7 +177,7 @@ def test_sigint_saves_a_loadable_checkpoint_and_exits(corpus, tmp_path):
 def test_cli_errors(corpus, tmp_path, capsys, flags, message):
     assert main(tiny_args(corpus, tmp_path / "run", *flags)) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and message in err and "Traceback" not in err
+    assert err.splitlines()[-1].startswith("error: ") and message in err and "Traceback" not in err
 
 
 def test_cli_error_for_missing_data_and_file_out_dir(corpus, tmp_path, capsys):
@@ -276,3 +276,56 @@ def test_a_checkpoint_of_the_old_format_resumes(corpus, tmp_path):
     assert main(["--resume", "latest", "--out-dir", str(out), "--max-steps", "3", "--no-progress"]) == 0
     resumed = json.loads((out / "checkpoints" / "step-000003" / "config.json").read_text())
     assert resumed["config"]["arithmetic"] == resumed["train_args"]["arithmetic"] == "tutorial"
+
+
+def test_an_empty_sample_prompt_samples_from_endoftext_and_the_run_ends_with_its_checkpoint(corpus, tmp_path):
+    """`--sample-prompt ""` (as Hugging Face's generate() without inputs) used to crash the
+    end-of-run sample before the final checkpoint was written."""
+    out = tmp_path / "run"
+    assert main(tiny_args(corpus, out, "--max-steps", "3", "--sample-prompt", "")) == 0
+    (ckpt,) = (out / "checkpoints").iterdir()
+    assert ckpt.name == "step-000003"
+    samples = [m["text"] for m in read_metrics(out / "metrics.jsonl") if m["event"] == "sample"]
+    assert len(samples) == 1 and samples[0].startswith("<|endoftext|>") and len(samples[0]) > len("<|endoftext|>")
+
+
+def test_a_failing_sample_never_costs_a_checkpoint(corpus, tmp_path, monkeypatch, capsys):
+    def broken(self, model, device):
+        raise TypeError("the sampler broke")
+
+    monkeypatch.setattr(LanguageModelTask, "end_of_epoch", broken)
+    out = tmp_path / "run"
+    assert main(tiny_args(corpus, out, "--max-steps", "3")) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000003"]
+    err = capsys.readouterr().err
+    assert "warning: the sample at step 3 failed (TypeError: the sampler broke); training goes on" in err
+
+
+def test_training_without_validation(corpus, tmp_path, monkeypatch, capsys):
+    """No validation set (what `--val-ratio 0` gives): training losses only, in the metrics, the
+    final line and the plot; checkpoints are still rotated and pruned."""
+    import minigpt.cli.train as train_cli
+
+    real = train_cli.load_splits
+    monkeypatch.setattr(train_cli, "load_splits", lambda *a: (real(*a)[0], None))
+    out = tmp_path / "run"
+    assert main(tiny_args(corpus, out, "--max-steps", "6", "--save-interval", "2", "--keep-last", "1")) == 0
+    printed = capsys.readouterr()
+    assert "final: train loss" in printed.out and "no validation" in printed.out and "val loss" not in printed.out
+    assert "/ no val windows" in printed.err
+    evals = [m for m in read_metrics(out / "metrics.jsonl") if m["event"] == "eval"]
+    assert evals and all("train_loss" in m and not any(k.startswith("val_") for k in m) for m in evals)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000006"]
+    assert (out / "loss-plot.png").stat().st_size > 1000
+    assert main(["--resume", "latest", "--out-dir", str(out), "--max-steps", "8", "--no-progress"]) == 0
+
+
+def test_log_interval_and_eval_iters_all_through_the_command(corpus, tmp_path):
+    out = tmp_path / "run"
+    assert main(tiny_args(corpus, out, "--max-steps", "7", "--log-interval", "3", "--eval-iters", "all",
+                          "--eval-interval", "0", "--lr-schedule", "linear", "--warmup-ratio", "0.2")) == 0
+    metrics = read_metrics(out / "metrics.jsonl")
+    assert [m["step"] for m in metrics if m["event"] == "step"] == [3, 6, 7]
+    assert [m["lr"] for m in metrics if m["event"] == "step"] == [lr_at(s, TrainConfig(lr=5e-4, lr_schedule="linear",
+                                                                                       warmup_ratio=0.2), 7)
+                                                                  for s in (2, 5, 6)]

@@ -10,6 +10,7 @@
   computes (bfloat16 in, float32 sums, bfloat16 out); the loss's head stays in float32 there.
 - Explicit attention when training in bfloat16: faster on the CPU than the fused kernel's backward.
 - Weights reordered into oneDNN's blocked layout for decoding (`GPTModel.decoding`).
+- Weight-only int8 / bfloat16 inference, in `quantize.py` (`quantize_weights`).
 - `keep_freed_memory`, the allocator setting the commands make.
 
 Each private torch API is used behind one capability check (`onednn_available`,
@@ -221,6 +222,10 @@ class CpuLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None and not torch.is_grad_enabled():
+            if not _avx512() and self.packed.layout == torch.strided and self.packed.dtype == torch.float32:
+                # Plain weights on an AVX2 CPU: MKL's product reads them as fast, without
+                # oneDNN's fixed cost per call, which adds up over a decoding step's many products.
+                return F.linear(x, self.packed, self.bias)
             return onednn_linear(x, self.packed, self.bias)
         return linear(x, self.weight, self.bias)
 

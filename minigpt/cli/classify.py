@@ -219,7 +219,9 @@ def setup(args: argparse.Namespace) -> tuple[Trainer, dict[str, TensorDataset]]:
     tokenizer = get_tokenizer()
     tokens = {name: tokenize(texts, tokenizer) for name, (texts, _) in splits.items()}
     model, lora = (model, None) if model else _new_classifier(args, labels, tokens["train"])
-    print(prepare(model, args, lora, classifier=True), file=sys.stderr)
+    summary = prepare(model, args, lora, classifier=True)
+    if summary:
+        print(summary, file=sys.stderr)
     datasets = {name: make_dataset(tokens[name], splits[name][1], labels, model.max_length) for name in splits}
     for dataset in datasets.values():
         if len(dataset):

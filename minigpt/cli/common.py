@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..backends import optimize_for_cpu
+from ..backends.quantize import WEIGHT_FORMATS, quantize_weights
 from ..checkpoint import load_model, read_config
 from ..config import get_preset
 from ..device import DTYPES, resolve_device
@@ -47,8 +48,9 @@ def positive_int(text: str) -> int:
 
 
 def add_model_source(parser: argparse.ArgumentParser, required: bool = True, seed: int | None = None,
-                     dtype: bool = True) -> None:
-    """--checkpoint | --pretrained | --preset, and --device, --dtype, --seed."""
+                     dtype: bool = True, weights: bool = False) -> None:
+    """--checkpoint | --pretrained | --preset, and --device, --dtype, --seed; with `weights`, the
+    inference-only --weights int8|bfloat16 (and --dtype int8, its shorthand)."""
     group = parser.add_argument_group("model (pick one)")
     which = group.add_mutually_exclusive_group(required=required)
     which.add_argument("--checkpoint", metavar="PATH", help="a minigpt model or training checkpoint directory")
@@ -58,29 +60,51 @@ def add_model_source(parser: argparse.ArgumentParser, required: bool = True, see
     group.add_argument("--seed", type=int, default=seed, help="seeds --preset's weights (and sampling)")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     if dtype:
-        group.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="weights' dtype")
+        choices = sorted(DTYPES) + (["int8"] if weights else [])
+        shorthand = "; int8 is --weights int8 (float32 activations)" if weights else ""
+        group.add_argument("--dtype", choices=choices, default="float32",
+                           help="the model's dtype, weights and activations" + shorthand)
+    if weights:
+        group.add_argument("--weights", choices=WEIGHT_FORMATS, default=None,
+                           help="store the linear layers' weights (output head included) as int8 with per-channel "
+                                "scales or as bfloat16, for faster decoding; activations keep --dtype")
+
+
+def model_formats(args: argparse.Namespace) -> tuple[torch.dtype, str | None]:
+    """The model's float dtype and weight format (None: unquantized) from --dtype and --weights."""
+    name, weights = getattr(args, "dtype", "float32"), getattr(args, "weights", None)
+    if name == "int8":
+        if weights not in (None, "int8"):
+            raise ConfigError(f"--dtype int8 means --weights int8: it cannot be combined with --weights {weights}")
+        return torch.float32, "int8"
+    return DTYPES[name], weights
 
 
 def load_model_from_args(args: argparse.Namespace, device: torch.device | None = None) -> GPTModel:
     """The model named by --checkpoint, --pretrained or --preset, in eval mode on `device`
-    (default: --device), with the CPU backend applied on a CPU."""
+    (default: --device), with the CPU backend applied on a CPU and its weights quantized
+    for inference if --weights (or --dtype int8) asks."""
     device = device or resolve_device(args.device)
-    dtype = DTYPES[getattr(args, "dtype", "float32")]
-    if args.checkpoint:
+    dtype, weights = model_formats(args)
+    if args.checkpoint and "lora" not in read_config(args.checkpoint)[1]:
         model = load_model(args.checkpoint, device=device, dtype=dtype)
-    elif args.pretrained:
+    elif args.checkpoint or args.pretrained:
         try:
-            from ..weights import from_pretrained  # only --pretrained needs the weights readers
+            from ..weights import from_pretrained  # GPT-2 files, and a LoRA checkpoint's base
         except ModuleNotFoundError as e:
             if e.name != "minigpt.weights":
                 raise
             raise MinigptError("--pretrained needs minigpt.weights, which this installation lacks") from None
-        model = from_pretrained(args.pretrained, device=device, dtype=dtype)
+        if args.checkpoint:
+            model = from_pretrained(args.checkpoint, device=device, dtype=dtype, fmt="minigpt")
+        else:
+            model = from_pretrained(args.pretrained, device=device, dtype=dtype)
     else:
         if args.seed is not None:
             torch.manual_seed(args.seed)
         model = GPTModel(get_preset(args.preset)).to(device=device, dtype=dtype)
-    return optimize_for_cpu(model.eval())
+    model = optimize_for_cpu(model.eval())
+    return model if weights is None else quantize_weights(model, weights)
 
 
 def resolve_resume(resume: str, out_dir: Path) -> Path:

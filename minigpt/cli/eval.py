@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="perplexity and bits per byte on a text",
                          description="Mean loss, perplexity and bits per byte of a text, scored with sliding "
                                      "windows (Hugging Face's perplexity guide).")
-    add_model_source(ppl)
+    add_model_source(ppl, weights=True)
     ppl.add_argument("--data", required=True, help="a .txt/.csv/.jsonl file, a directory of .txt, or a corpus name")
     ppl.add_argument("--text-column", default=None, help="the .csv column / .jsonl field holding the text")
     ppl.add_argument("--split", choices=("all", "val"), default="all",
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     hs = sub.add_parser("hellaswag", parents=[common], formatter_class=formatter,
                         help="HellaSwag accuracy (completion style)",
                         description="HellaSwag acc (summed log-likelihood of each ending) and acc_norm (per token).")
-    add_model_source(hs)
+    add_model_source(hs, weights=True)
     hs.add_argument("--split", choices=sorted(SPLIT_EXAMPLES), default="val", help="the published file to use")
     hs.add_argument("--data", default=None, help="a local HellaSwag .jsonl instead of the download")
     hs.add_argument("--limit", type=positive_int, default=None, help="only the first N examples")

@@ -62,9 +62,10 @@ def lora_config(args: argparse.Namespace, base: nn.Module) -> LoRAConfig | None:
     return config
 
 
-def prepare(model: nn.Module, args: argparse.Namespace, lora: LoRAConfig | None, classifier: bool) -> str:
+def prepare(model: nn.Module, args: argparse.Namespace, lora: LoRAConfig | None, classifier: bool) -> str | None:
     """Freeze, add adapters (unless the model, resumed, has them), store frozen weights in
-    --base-dtype and checkpoint activations, as the flags say; returns a one-line summary.
+    --base-dtype and checkpoint activations, as the flags say; returns a one-line summary if
+    not every parameter trains.
 
     --trainable-blocks auto becomes 0 with LoRA (the adapters, and a classifier's new head,
     train alone), else 1 for a classifier (the tutorial's) and all for a language model; the
@@ -91,4 +92,6 @@ def prepare(model: nn.Module, args: argparse.Namespace, lora: LoRAConfig | None,
         checkpoint_blocks(model)
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     trainable = trainable_parameters(model)
+    if trainable == total:
+        return None
     return f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)"

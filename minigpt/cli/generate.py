@@ -23,7 +23,7 @@ from .common import add_model_source, load_model_from_args, positive_int, run
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minigpt.generate", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_source(p)
+    add_model_source(p, weights=True)
     p.add_argument("--prompt", default="", help="text to continue; '-' reads stdin; empty starts "
                    f"from {EOS_TOKEN}")
     p.add_argument("--max-new-tokens", type=int, default=50)
@@ -66,8 +66,9 @@ def _main(argv: Sequence[str] | None) -> int:
             sys.stdout.flush()
         print(flush=True)
     seconds = time.perf_counter() - t0
+    weights = f", {args.weights} weights" if args.weights else ""
     print(f"{n_tokens} tokens in {seconds:.2f} s: {n_tokens / seconds:.1f} tokens/s "
-          f"({device}, {args.dtype}, {'no cache' if args.no_cache else 'KV cache'})", file=sys.stderr)
+          f"({device}, {args.dtype}{weights}, {'no cache' if args.no_cache else 'KV cache'})", file=sys.stderr)
     return 0
 
 

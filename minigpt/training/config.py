@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
 
 @dataclass
 class TrainConfig:
@@ -22,13 +24,19 @@ class TrainConfig:
     batch_size: int = 2
     grad_accum: int = 1
     lr: float = 5e-4
-    min_lr: float | None = None  # None: lr, i.e. a constant rate after warm-up
+    # None: cosine to `min_lr` if it is set, else constant (the chapter-5 run), as before schedules had names
+    lr_schedule: str | None = None
+    min_lr: float | None = None  # the floor; None: 10% of lr for cosine, 0 for linear
     warmup_steps: int = 0
+    warmup_ratio: float = 0.0  # warm-up as a fraction of the run's steps (rounded up), instead of warmup_steps
     weight_decay: float = 0.1
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    decay_embeddings: bool = False  # weight decay on the embedding tables too (nanoGPT's and HF's habit)
     grad_clip: float | None = None
     max_bad_steps: int = 1  # consecutive steps with a non-finite loss or gradients before the run stops
     eval_interval: int = 5
-    eval_iters: int = 5
+    eval_iters: int | None = 5  # None: every validation batch (and as many training batches)
+    log_interval: int = 1  # steps per logged loss: the host reads the device's losses this often
     dtype: str = "float32"
     device: str = "auto"
     seed: int = 123
@@ -56,12 +64,31 @@ class TrainConfig:
             raise ConfigError(f"--lr must be positive, got {self.lr}")
         if self.min_lr is not None and not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"--min-lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        self.check_schedule()
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise ConfigError(f"--grad-clip must be positive (the largest gradient norm kept), got {self.grad_clip}")
         if self.max_bad_steps < 1:
             raise ConfigError(f"--max-bad-steps must be positive, got {self.max_bad_steps}")
         if self.eval_interval < 0 or self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError("--eval-interval, --warmup-steps and --weight-decay must not be negative")
+        if self.log_interval < 1:
+            raise ConfigError(f"--log-interval must be positive, got {self.log_interval}")
+
+    def check_schedule(self) -> None:
+        """Refuse a schedule, warm-up or Adam betas no run can use, and a flag the schedule would ignore."""
+        if self.lr_schedule not in (None, *LR_SCHEDULES):
+            raise ConfigError(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_schedule == "constant" and self.min_lr is not None:
+            raise ConfigError(f"--min-lr {self.min_lr} has no effect with --lr-schedule constant; "
+                              "drop it or pick cosine or linear")
+        if not (math.isfinite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
+            raise ConfigError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.warmup_ratio and self.warmup_steps:
+            raise ConfigError(f"give --warmup-steps ({self.warmup_steps}) or --warmup-ratio ({self.warmup_ratio}), "
+                              "not both")
+        betas = tuple(self.adam_betas)
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ConfigError(f"--adam-betas must be two numbers in [0, 1), got {list(betas)}")
 
 
 @dataclass

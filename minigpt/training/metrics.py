@@ -96,16 +96,24 @@ class MetricsLog:
 
 
 class Progress:
-    """The steps' progress bar, showing the last loss, learning rate and tokens per second."""
+    """The steps' progress bar, showing the last loss read, learning rate and tokens per second."""
 
     def __init__(self, total: int, initial: int, tokens_seen: int, enabled: bool) -> None:
         self.bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True)
         self.t0, self.tokens0 = time.perf_counter(), tokens_seen
+        self.shown: dict[str, str] = {}
 
-    def update(self, loss: float, lr: float, tokens_seen: int) -> None:
+    def show(self, loss: float | None, lr: float) -> None:
+        """The loss the host last read (every --log-interval steps) and the rate."""
+        if loss is not None:
+            self.shown.update(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
+
+    def update(self, tokens_seen: int) -> None:
+        """One more step done."""
+        if self.bar.disable:
+            return
         elapsed = time.perf_counter() - self.t0
-        self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}",
-                             tok_s=f"{(tokens_seen - self.tokens0) / max(elapsed, 1e-9):.0f}")
+        self.bar.set_postfix(**self.shown, tok_s=f"{(tokens_seen - self.tokens0) / max(elapsed, 1e-9):.0f}")
         self.bar.update(1)
 
     def close(self) -> None:

@@ -37,7 +37,7 @@ class EpochSampler:
                 "lower them or add data")
         self.steps_per_epoch = self.batches_per_epoch // grad_accum
         self.windows_per_epoch = self.steps_per_epoch * grad_accum * self.global_batch
-        self._order_epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+        self._order_epoch, self._order = -1, []
 
     def epoch_done(self, state: TrainState) -> bool:
         return state.sample_in_epoch >= self.windows_per_epoch
@@ -59,8 +59,8 @@ class EpochSampler:
         if self.epoch_done(state):
             state.epoch += 1
             state.sample_in_epoch = 0
-        if self._order_epoch != state.epoch:
-            self._order = batch_order(len(self.dataset), state.epoch, self.seed)
+        if self._order_epoch != state.epoch:  # as Python ints once an epoch, not a tensor read per window
+            self._order = batch_order(len(self.dataset), state.epoch, self.seed).tolist()
             self._order_epoch = state.epoch
         start = state.sample_in_epoch + self.dist.rank * self.batch_size
         state.sample_in_epoch += self.global_batch

@@ -12,7 +12,9 @@ from torch import nn
 from ..book import sample_text
 from ..device import to_device
 from ..evaluation.scoring import token_byte_lengths
+from ..loss import IGNORE_INDEX
 from ..plot import plot_losses
+from ..tokenizer import EOS_TOKEN
 
 
 def _mean(values: list[float]) -> float:
@@ -58,7 +60,8 @@ class LanguageModelTask:
             loss = self.loss(model, batch, device).item()
             n_bytes = int(self.byte_lengths()[batch[1].long().cpu()].sum())
             losses.append(loss)
-            bpbs.append(loss * batch[1].numel() / math.log(2) / n_bytes if n_bytes else float("nan"))
+            scored = int((batch[1] != IGNORE_INDEX).sum())  # padding (-100) is neither loss nor bytes
+            bpbs.append(loss * scored / math.log(2) / n_bytes if n_bytes else float("nan"))
         return {"loss": _mean(losses), "bpb": _mean(bpbs)}
 
     def byte_lengths(self) -> torch.Tensor:
@@ -68,9 +71,12 @@ class LanguageModelTask:
         return self._byte_lengths
 
     def end_of_epoch(self, model: nn.Module, device: torch.device) -> str:
-        """A greedy sample from the fixed prompt."""
-        return sample_text(model, self.tokenizer, device, self.sample_prompt, self.sample_tokens)
+        """A greedy sample from the fixed prompt; an empty prompt starts from `<|endoftext|>`, as
+        Hugging Face's `generate()` without inputs does."""
+        return sample_text(model, self.tokenizer, device, self.sample_prompt or EOS_TOKEN, self.sample_tokens)
 
     def plot(self, history: dict[str, list], out_dir: Path) -> Path:
-        return plot_losses(history["epoch"], history["tokens_seen"], history["train_loss"], history["val_loss"],
-                           out_dir / "loss-plot.png")
+        train = history["train_loss"]
+        # Without validation the curve is the training loss alone (NaNs draw nothing).
+        val = history.get("val_loss") or [math.nan] * len(train)
+        return plot_losses(history["epoch"], history["tokens_seen"], train, val, out_dir / "loss-plot.png")

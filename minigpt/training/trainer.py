@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,20 @@ from .metrics import MetricsLog, Progress, keep_metrics_until
 from .optim import configure_optimizer, lr_at
 from .precision import Precision
 from .sampler import EpochSampler
+from .steps import PendingSteps, StepGuard, step_on_device
 from .tasks import Task
 
 
 class Trainer:
-    """One run. `model`: the plain model (evaluation, sampling, checkpoints); `wrapped`: what steps call."""
+    """One run. `model`: the plain model (evaluation, sampling, checkpoints); `wrapped`: what steps call.
+    `val_set` None trains without validation (the metrics and plot then have training losses only)."""
 
-    def __init__(self, model: nn.Module, cfg: TrainConfig, train_set, val_set, task: Task, out_dir: Path,
-                 args: dict[str, Any], dist_info: DistInfo | None = None, device: torch.device | None = None,
-                 fsdp: bool = False) -> None:
-        self.cfg, self.task, self.out_dir, self.args, self.fsdp = cfg, task, Path(out_dir), args, fsdp
+    def __init__(self, model: nn.Module, cfg: TrainConfig, train_set, val_set, task: Task,
+                 out_dir: Path | None = None, args: dict[str, Any] | None = None, dist_info: DistInfo | None = None,
+                 device: torch.device | None = None, fsdp: bool = False) -> None:
+        # `out_dir` defaults to `cfg.out_dir` or runs/<data name>; `args` is what checkpoints record as the flags.
+        out_dir = Path(out_dir or cfg.out_dir or Path("runs") / Path(cfg.data).stem)
+        self.cfg, self.task, self.out_dir, self.args, self.fsdp = cfg, task, out_dir, dict(args or {}), fsdp
         self.dist = dist_info or DistInfo()
         self.device = device or resolve_device(cfg.device)
         self.precision = Precision(cfg.dtype, self.device)
@@ -49,12 +54,16 @@ class Trainer:
         self.train_set, self.val_set = train_set, val_set
         self.sampler = EpochSampler(train_set, cfg.batch_size, cfg.grad_accum, cfg.seed, self.dist)
         self.state = TrainState()
-        self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, self.device, fused=not fsdp)
+        self.optimizer = configure_optimizer(self.model, cfg.lr, cfg.weight_decay, self.device, fused=not fsdp,
+                                             betas=cfg.adam_betas, decay_embeddings=cfg.decay_embeddings)
         self.total_steps = cfg.max_steps or cfg.epochs * self.sampler.steps_per_epoch
+        if self.dist.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", cfg.report_to, enabled=self.dist.is_main)
         self.metrics_file = self.metrics.path
-        self.stop_requested = False
+        self.stop_requested = self.stopping = False  # asked on this rank; agreed by all ranks
         self.guard = StepGuard(cfg.max_bad_steps, 0)
+        self.pending = PendingSteps()
 
     def log(self, record: dict[str, Any]) -> None:
         self.metrics.log(record)
@@ -63,31 +72,52 @@ class Trainer:
         if self.dist.is_main:
             tqdm.write(text)
 
-    def train_step(self) -> float:
-        """One optimizer step over `grad_accum` micro-batches; returns the mean loss over ranks."""
+    def train_step(self) -> None:
+        """One optimizer step over `grad_accum` micro-batches; its loss stays on the device (`pending`)."""
         lr = lr_at(self.state.step, self.cfg, self.total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
+        total = None
         for k in range(self.cfg.grad_accum):
             batch = self.sampler.next_batch(self.state)
             with gradient_sync(self.wrapped, self.dist, self.fsdp, k == self.cfg.grad_accum - 1):
                 with self.precision.autocast():
                     loss = self.task.loss(self.wrapped, batch, self.device) / self.cfg.grad_accum
                 self.precision.backward(loss)
-            total += loss.item()
+            part = loss.detach().to(torch.float64)  # summed as the host would sum the floats
+            total = part if total is None else total + part
             self.state.tokens_seen += batch[0].numel() * self.dist.world_size
-        return conclude_step(self, total)
+        numbers = step_on_device(self.optimizer, self.precision, list(self.model.parameters()), total,
+                                 self.dist.world_size, self.cfg.grad_clip)
+        self.pending.add(self.state.step, lr, numbers)
+        self.state.step += 1
+
+    def read_steps(self) -> float | None:
+        """Read and judge the pending steps (`StepGuard`), log their mean loss and agree on stopping;
+        a collective: every rank calls it at the same steps. Returns the mean loss, if any step pended."""
+        read, judged = self.pending.read(), []
+        try:
+            for step, loss, grads_finite, _ in read:
+                self.guard.judge(loss, grads_finite, step, self.echo)
+                judged.append(loss)
+        finally:
+            if judged:
+                step, _, _, lr = read[len(judged) - 1]
+                self.log({"event": "step", "step": step + 1, "loss": sum(judged) / len(judged), "lr": lr})
+        stops = all_reduce_sum([float(self.stop_requested)], self.device)[0] if self.dist.enabled else \
+            self.stop_requested
+        self.stopping = bool(stops)
+        return sum(judged) / len(judged) if judged else None
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The task's metrics on both splits, logged, printed and kept in the history."""
+        """The task's metrics on both splits (or the training one alone), logged, printed and kept."""
         self.model.eval()
+        splits = [("train", self.train_set)] + ([("val", self.val_set)] if self.val_set is not None else [])
         with self.precision.autocast():
-            metrics = {f"{split}_{key}": value
-                       for split, dataset in (("train", self.train_set), ("val", self.val_set))
+            metrics = {f"{split}_{key}": value for split, dataset in splits
                        for key, value in global_batch_means(
-                           self.task, self.model, self.sampler.eval_batches(dataset, self.cfg.eval_iters),
+                           self.task, self.model, self.sampler.eval_batches(dataset, self.eval_iters()),
                            self.device).items()}
         self.model.train()
         s = self.state
@@ -100,11 +130,24 @@ class Trainer:
         self.echo(f"Ep {s.epoch + 1} (Step {s.step - 1:06d}): {shown}")
         return metrics
 
+    def eval_iters(self) -> int:
+        """Batches per split and evaluation; `eval_iters` None: all of the validation split (or of
+        the training split, without validation)."""
+        whole = self.val_set if self.val_set is not None else self.train_set
+        return self.cfg.eval_iters or math.ceil(len(whole) / self.sampler.global_batch)
+
     def end_of_epoch(self) -> None:
+        """The task's sample, logged and printed; a sample that fails is reported and training goes on."""
         # Under FSDP every rank takes part in each forward pass; otherwise rank 0 alone samples.
         if not (self.fsdp or self.dist.is_main):
             return
-        text = self.task.end_of_epoch(self.model, self.device)
+        try:
+            text = self.task.end_of_epoch(self.model, self.device)
+        except Exception as e:  # a sample is a by-product: it never costs the run
+            self.model.train()
+            print(f"warning: the sample at step {self.state.step} failed ({type(e).__name__}: {e}); training goes "
+                  f"on\n{traceback.format_exc()}", file=sys.stderr)
+            return
         if text is not None:
             self.log({"event": "sample", "step": self.state.step, "epoch": self.state.epoch + 1, "text": text})
             self.echo(text)
@@ -112,6 +155,8 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the state at the last completed step (a collective: every rank calls it);
         weights that are not all finite are never saved."""
+        if len(self.pending):  # the guard must have judged every step before a checkpoint is named
+            self.read_steps()
         model_state, optimizer_state = full_state(self.wrapped, self.optimizer)
         rng = gather_objects(torch.get_rng_state())
         refuse_non_finite(model_state, self.dist, self.device, self.state.step)
@@ -135,66 +180,62 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train to `total_steps`; returns the final metrics and where the outputs are."""
-        state, history = self.state, self.state.history
-        self.wrapped.train()
-        progress = Progress(self.total_steps, state.step, state.tokens_seen, self.cfg.progress and self.dist.is_main)
-        t0, tokens0, last_ckpt = time.perf_counter(), state.tokens_seen, None
-        try:
-            with StopOnInterrupt(self):
-                while state.step < self.total_steps:
-                    last_ckpt = self._advance(progress) or last_ckpt
-        except NonFiniteLoss as e:
-            raise with_last_checkpoint(e, self.out_dir, self.guard.good_step, self.dist.is_main) from None
-        finally:
-            progress.close()
-        elapsed = time.perf_counter() - t0
-        if not self.sampler.epoch_done(state):
-            self.end_of_epoch()
-        if last_ckpt is None or last_ckpt.name != f"step-{state.step:06d}":
-            last_ckpt = self.save()
-        if not history.get("step") or history["step"][-1] != state.step:
-            self.evaluate()
-        if self.dist.is_main:
-            prune_if_proven(self.out_dir, history, self.cfg.keep_last)
-        return {"final": {k: v[-1] for k, v in history.items()},
-                "tokens_per_s": (state.tokens_seen - tokens0) / max(elapsed, 1e-9),
-                "checkpoint": last_ckpt, "metrics": self.metrics_file,
-                "plot": self.task.plot(history, self.out_dir) if self.dist.is_main else None,
-                "steps": state.step, "seconds": elapsed}
-
-    def _advance(self, progress: Progress) -> Path | None:
-        """One step and what follows it: log, evaluation, epoch's sample, checkpoint, stop on request."""
-        cfg, state = self.cfg, self.state
-        loss = self.train_step()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.log({"event": "step", "step": state.step, "loss": loss, "lr": lr})
-        if cfg.eval_interval and (state.step - 1) % cfg.eval_interval == 0:
-            self.evaluate()
-        if self.sampler.epoch_done(state):
-            self.end_of_epoch()
-        saved = self.save() if cfg.save_interval and state.step % cfg.save_interval == 0 else None
-        progress.update(loss, lr, state.tokens_seen)
-        if self.stop_requested:
-            save_and_stop(self, progress)
-        return saved
+        return run_fit(self)
 
 
-def conclude_step(trainer: Trainer, total: float) -> float:
-    """Apply the accumulated gradients unless the loss or a gradient is non-finite (`StepGuard`);
-    returns the mean loss over ranks."""
-    params = list(trainer.model.parameters())
-    norm = trainer.precision.grad_norm(params)
-    grads_ok = norm is None or bool(torch.isfinite(norm))
-    # One all-reduce: the mean loss (so every rank sees a NaN and stops together), any rank's
-    # non-finite gradients and any stop request.
-    loss_sum, bad_grads, stops = all_reduce_sum([total, float(not grads_ok), float(trainer.stop_requested)],
-                                                trainer.device)
-    total, trainer.stop_requested = loss_sum / trainer.dist.world_size, stops > 0
-    if trainer.guard.judge(total, bad_grads == 0, trainer.state.step, trainer.echo):
-        trainer.precision.step(trainer.optimizer, params, trainer.cfg.grad_clip, norm)
-    trainer.optimizer.zero_grad(set_to_none=True)
-    trainer.state.step += 1
-    return total
+def run_fit(trainer: Trainer) -> dict[str, Any]:
+    """`Trainer.fit`: the steps, then the final checkpoint (first: nothing after it can cost it),
+    the epoch's sample and the final evaluation."""
+    state, history = trainer.state, trainer.state.history
+    trainer.wrapped.train()
+    progress = Progress(trainer.total_steps, state.step, state.tokens_seen,
+                        trainer.cfg.progress and trainer.dist.is_main)
+    t0, tokens0, last_ckpt = time.perf_counter(), state.tokens_seen, None
+    try:
+        with StopOnInterrupt(trainer):
+            while state.step < trainer.total_steps:
+                last_ckpt = advance(trainer, progress) or last_ckpt
+    except NonFiniteLoss as e:
+        raise with_last_checkpoint(e, trainer.out_dir, trainer.guard.good_step, trainer.dist.is_main) from None
+    finally:
+        progress.close()
+    elapsed = time.perf_counter() - t0
+    if last_ckpt is None or last_ckpt.name != f"step-{state.step:06d}":
+        last_ckpt = trainer.save()
+    if not trainer.sampler.epoch_done(state):
+        trainer.end_of_epoch()
+    if not history.get("step") or history["step"][-1] != state.step:
+        trainer.evaluate()
+    if trainer.dist.is_main:
+        prune_if_proven(trainer.out_dir, history, trainer.cfg.keep_last)
+    return {"final": {k: v[-1] for k, v in history.items()},
+            "tokens_per_s": (state.tokens_seen - tokens0) / max(elapsed, 1e-9),
+            "checkpoint": last_ckpt, "metrics": trainer.metrics_file,
+            "plot": trainer.task.plot(history, trainer.out_dir) if trainer.dist.is_main else None,
+            "steps": state.step, "seconds": elapsed}
+
+
+def advance(trainer: Trainer, progress: Progress) -> Path | None:
+    """One step and what follows it: the losses read (every `log_interval` steps and wherever they
+    are needed), evaluation, checkpoint, the epoch's sample, stop on request."""
+    cfg, state = trainer.cfg, trainer.state
+    trainer.train_step()
+    step = state.step
+    eval_due = cfg.eval_interval and (step - 1) % cfg.eval_interval == 0
+    save_due = cfg.save_interval and step % cfg.save_interval == 0
+    # A lone process stops at the next step; ranks agree on stopping where they read the losses.
+    if (step % cfg.log_interval == 0 or eval_due or save_due or step >= trainer.total_steps
+            or (trainer.stop_requested and not trainer.dist.enabled)):
+        progress.show(trainer.read_steps(), trainer.optimizer.param_groups[0]["lr"])
+    if eval_due:
+        trainer.evaluate()
+    saved = trainer.save() if save_due else None
+    if trainer.sampler.epoch_done(state):
+        trainer.end_of_epoch()
+    progress.update(state.tokens_seen)
+    if trainer.stopping:
+        save_and_stop(trainer, progress)
+    return saved
 
 
 def save_and_stop(trainer: Trainer, progress: Progress) -> None:
@@ -227,30 +268,6 @@ def with_last_checkpoint(error: NonFiniteLoss, out_dir: Path, good_step: int, is
     good = last_good_checkpoint(out_dir, good_step, rename=is_main)
     where = f"the last good checkpoint is {good}" if good else "no good checkpoint was written"
     return NonFiniteLoss(f"{error}: stopping; {where} (try a lower --lr or --grad-clip)")
-
-
-class StepGuard:
-    """Which weights are known to give a finite loss, and how many bad steps came in a row."""
-
-    def __init__(self, max_bad_steps: int, step: int) -> None:
-        self.max_bad_steps, self.in_a_row = max_bad_steps, 0
-        self.good_step = step - 1  # the weights of every earlier step gave a finite loss
-
-    def judge(self, loss: float, grads_finite: bool, step: int, echo) -> bool:
-        """Whether to apply step `step`'s update: not when its loss or gradients are non-finite;
-        `NonFiniteLoss` at the `max_bad_steps`-th such step in a row."""
-        if math.isfinite(loss) and grads_finite:
-            self.in_a_row, self.good_step = 0, step
-            return True
-        if math.isfinite(loss):
-            self.good_step = step + 1  # the weights stay those that just gave a finite loss
-        self.in_a_row += 1
-        what = f"loss became {loss}" if not math.isfinite(loss) else "the gradients became non-finite"
-        if self.in_a_row >= self.max_bad_steps:
-            row = f" ({self.in_a_row} bad steps in a row)" if self.in_a_row > 1 else ""
-            raise NonFiniteLoss(f"{what} at step {step}{row}")
-        echo(f"step {step}: {what}; update skipped ({self.in_a_row} of --max-bad-steps {self.max_bad_steps})")
-        return False
 
 
 def global_batch_means(task: Task, model: nn.Module, batches, device: torch.device) -> dict[str, float]:
