@@ -32,7 +32,7 @@ from .data import stack_examples
 from .documents import find_column, iter_jsonl_records
 from .device import to_device
 from .errors import ConfigError, DataError
-from .model import GPTModel
+from .heads import GPTHeadModel
 from .plot import plot_classification
 from .tokenizer import EOS_ID, EOS_TOKEN
 
@@ -159,57 +159,29 @@ def balance(targets: torch.Tensor, labels: Sequence[str]) -> str:
 # The model
 
 
-class GPTClassifier(nn.Module):
+class GPTClassifier(GPTHeadModel):
     """GPT-2's body and a head that maps a text's last real token to one logit per class.
 
-    Composed, not derived: `self.gpt` is a `GPTModel` whose vocabulary head is replaced by the
-    class head (the tutorial's chapter 6). The causal mask lets only the last token see the whole
-    text, so it is the one to classify from. The tutorial reads the last *position*, which is a
-    padding token in every text shorter than the batch; here `lengths` picks each row's last real
-    token, and with right padding and causal attention nothing a text's tokens compute depends on
-    the padding after them. `labels` name the classes; `max_length` is the truncation length the
+    A `GPTHeadModel` (composed, not derived from `GPTModel`) whose head has one output per class
+    (the tutorial's chapter 6). The causal mask lets only the last token see the whole text, so
+    it is the one to classify from. The tutorial reads the last *position*, which is a padding
+    token in every text shorter than the batch; here `lengths` picks each row's last real token,
+    and with right padding and causal attention nothing a text's tokens compute depends on the
+    padding after them. `labels` name the classes; `max_length` is the truncation length the
     classifier was trained with. `optimize_for_cpu(classifier.gpt)` applies the CPU backend.
     """
 
+    head_config = None  # a classifier checkpoint is rebuilt from the labels in its train_args
+
     def __init__(self, cfg: GPTConfig | dict[str, Any] | str, labels: Sequence[str],
                  max_length: int | None = None) -> None:
-        super().__init__()
-        # The new head has its own weights, so there is nothing to tie, and a checkpoint must store it.
-        cfg = as_config(cfg).replace(tie_weights=False)
-        self.labels = list(labels)
-        self.max_length = max_length or cfg.context_length
-        if not 0 < self.max_length <= cfg.context_length:
+        cfg = as_config(cfg)
+        max_length = max_length or cfg.context_length
+        if not 0 < max_length <= cfg.context_length:
             raise ConfigError(f"max_length must be in [1, {cfg.context_length}] (the context length), "
-                              f"got {self.max_length}")
-        gpt = GPTModel(cfg)  # its vocabulary head is built, then replaced right away
-        gpt.out_head = nn.Linear(cfg.emb_dim, len(self.labels))
-        if cfg.init == "gpt2":
-            nn.init.normal_(gpt.out_head.weight, mean=0.0, std=0.02)
-            nn.init.zeros_(gpt.out_head.bias)
-        # The GPT's parts are registered here under their own names (tok_emb, trf_blocks, ...,
-        # out_head), so parameter names and checkpoint keys are those of a GPTModel; `gpt` itself
-        # is kept outside the module tree, or every key would be listed twice.
-        for name, module in gpt.named_children():
-            self.add_module(name, module)
-        self.__dict__["gpt"] = gpt
-
-    @property
-    def cfg(self) -> GPTConfig:
-        return self.gpt.cfg
-
-    @classmethod
-    def from_gpt(cls, gpt: GPTModel, labels: Sequence[str], max_length: int | None = None) -> GPTClassifier:
-        """A classifier with `gpt`'s embeddings, blocks and final norm (copied) and a new head."""
-        model = cls(gpt.cfg, labels, max_length)
-        body = {k: v for k, v in gpt.state_dict().items() if not k.startswith("out_head.")}
-        missing, unexpected = model.load_state_dict(body, strict=False)
-        assert not unexpected and all(k.startswith("out_head.") for k in missing), (missing, unexpected)
-        return model
-
-    def train(self, mode: bool = True) -> GPTClassifier:
-        super().train(mode)
-        self.gpt.training = mode  # its children follow through this module's tree
-        return self
+                              f"got {max_length}")
+        super().__init__(cfg, nn.Linear(cfg.emb_dim, len(labels)))
+        self.labels, self.max_length = list(labels), max_length
 
     def forward(self, in_idx: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
         """Class logits (batch, num_classes) for right-padded ids (batch, tokens) whose real
@@ -224,11 +196,6 @@ class GPTClassifier(nn.Module):
     def num_parameters(self, exclude_output_head: bool = False, exclude_position: bool = False) -> int:
         """Distinct parameters of the GPT's body and the class head; see `GPTModel.num_parameters`."""
         return self.gpt.num_parameters(exclude_output_head, exclude_position)
-
-    def check_token_ids(self, in_idx: torch.Tensor) -> None:
-        """Raise a clear error for token ids outside the vocabulary (a host sync: once per input)."""
-        self.gpt.check_token_ids(in_idx)
-
 
 # ----------------------------------------------------------------------------------------------
 # Training and evaluation

@@ -48,7 +48,7 @@ def run_step(base: Path, data: Path, out: Path, extra: list[str]) -> dict[str, f
     cmd = [sys.executable, "-m", "minigpt.train", "--init-from", str(base), "--data", str(data),
            "--text-column", "Joke", "--context-length", "500", "--batch-size", "1", "--max-steps", "1",
            "--eval-interval", "0", "--eval-iters", "1", "--no-progress", "--out-dir", str(out), "--overwrite",
-           "--sample-prompt", "JOKE:", *extra]
+           "--sample-tokens", "0", *extra]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}

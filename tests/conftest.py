@@ -22,3 +22,13 @@ def tiny_cfg() -> GPTConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One thread for a module of tiny models: they gain nothing from a second, and on a busy
+    2-core machine lose a lot to it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

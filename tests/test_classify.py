@@ -22,13 +22,7 @@ from minigpt.errors import DataError
 WORDS = "the a cat dog sat on mat ran past every effort moves you while house tree green small big slowly".split()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a busy 2-core machine lose a lot to it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def marker_texts(n: int, seed: int) -> list[tuple[str, str]]:

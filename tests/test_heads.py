@@ -20,13 +20,7 @@ from tests.hf_utils import copy_hf_into_minigpt, random_hf_gpt2
 ATOL = 1e-4  # float32 rounding on random GPT-2 weights of unit scale, as tests/test_weights_hf.py
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and on a busy 2-core machine lose a lot to it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

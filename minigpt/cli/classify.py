@@ -27,7 +27,7 @@ from ..model import GPTModel
 from ..tokenizer import get_tokenizer
 from ..training import Trainer, TrainConfig, list_checkpoints
 from ..training.checkpoints import claim_run_dir, recover_checkpoints
-from .common import resume_defaults, run
+from .common import HelpFormatter, resume_defaults, run
 from .finetune_args import FINETUNE_FLAGS, add_finetune_args, lora_config, prepare
 
 # Flags that shape the model: a resumed run must keep them.
@@ -39,7 +39,7 @@ def build_parser(train_defaults: dict[str, Any] | None = None) -> argparse.Argum
     p = argparse.ArgumentParser(prog="python -m minigpt.classify",
                                 description="Fine-tune a GPT as a text classifier, evaluate it, predict with it.")
     sub = p.add_subparsers(dest="command", required=True)
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = HelpFormatter
     columns = argparse.ArgumentParser(add_help=False)
     columns.add_argument("--text-column", default=None, help="text column / field (default: 'text', any case)")
     columns.add_argument("--label-column", default=None, help="label column / field (default: 'label', any case)")

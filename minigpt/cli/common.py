@@ -17,7 +17,7 @@ import torch
 
 from ..backends import optimize_for_cpu
 from ..backends.quantize import WEIGHT_FORMATS, quantize_weights
-from ..checkpoint import load_model, read_config
+from ..checkpoint import CONFIG_FILE, load_model, read_config
 from ..config import get_preset
 from ..device import DTYPES, resolve_device
 from ..errors import CheckpointError, ConfigError, MinigptError
@@ -25,6 +25,17 @@ from ..model import GPTModel
 from ..training import list_checkpoints
 
 USER_ERRORS = (MinigptError, ValueError, OSError)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, except where it says nothing: a switch's True/False, an
+    unset None, or a help text that already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if action.nargs == 0 or action.default is None or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def run(main: Callable[..., int], *args: Any, prefix: str = "error") -> int:
@@ -86,7 +97,7 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device | None =
     for inference if --weights (or --dtype int8) asks."""
     device = device or resolve_device(args.device)
     dtype, weights = model_formats(args)
-    if args.checkpoint and "lora" not in read_config(args.checkpoint)[1]:
+    if args.checkpoint and not is_adapter_checkpoint(args.checkpoint):
         model = load_model(args.checkpoint, device=device, dtype=dtype)
     elif args.checkpoint or args.pretrained:
         try:
@@ -95,16 +106,19 @@ def load_model_from_args(args: argparse.Namespace, device: torch.device | None =
             if e.name != "minigpt.weights":
                 raise
             raise MinigptError("--pretrained needs minigpt.weights, which this installation lacks") from None
-        if args.checkpoint:
-            model = from_pretrained(args.checkpoint, device=device, dtype=dtype, fmt="minigpt")
-        else:
-            model = from_pretrained(args.pretrained, device=device, dtype=dtype)
+        fmt = "minigpt" if args.checkpoint else None  # a LoRA checkpoint: its base, then its adapters
+        model = from_pretrained(args.checkpoint or args.pretrained, device=device, dtype=dtype, fmt=fmt)
     else:
         if args.seed is not None:
             torch.manual_seed(args.seed)
         model = GPTModel(get_preset(args.preset)).to(device=device, dtype=dtype)
     model = optimize_for_cpu(model.eval())
     return model if weights is None else quantize_weights(model, weights)
+
+
+def is_adapter_checkpoint(path: str | Path) -> bool:
+    """Whether `path` is a LoRA checkpoint: adapters that `from_pretrained` puts on their base."""
+    return (Path(path) / CONFIG_FILE).is_file() and "lora" in read_config(path)[1]
 
 
 def resolve_resume(resume: str, out_dir: Path) -> Path:

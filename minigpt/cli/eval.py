@@ -25,7 +25,7 @@ from ..evaluation.hellaswag import SPLIT_EXAMPLES
 from ..token_cache import load_token_ids
 from ..tokenizer import EOS_ID, get_tokenizer
 from ..training import TrainConfig
-from .common import add_model_source, load_model_from_args, positive_int, run
+from .common import HelpFormatter, add_model_source, load_model_from_args, positive_int, run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     sub = p.add_subparsers(dest="command", required=True)
-    formatter = argparse.ArgumentDefaultsHelpFormatter
+    formatter = HelpFormatter
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--batch-size", type=positive_int, default=4,
                         help="windows (perplexity) or examples (hellaswag) per forward pass")

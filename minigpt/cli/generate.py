@@ -17,12 +17,12 @@ from ..device import resolve_device
 from ..errors import ConfigError
 from ..generation import SamplingConfig, check, stream
 from ..tokenizer import EOS_ID, EOS_TOKEN, get_tokenizer
-from .common import add_model_source, load_model_from_args, positive_int, run
+from .common import HelpFormatter, add_model_source, load_model_from_args, positive_int, run
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minigpt.generate", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_model_source(p, weights=True)
     p.add_argument("--prompt", default="", help="text to continue; '-' reads stdin; empty starts "
                    f"from {EOS_TOKEN}")

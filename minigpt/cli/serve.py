@@ -18,12 +18,12 @@ from pathlib import Path
 from ..errors import require
 from ..serving import Limits, create_app
 from ..tokenizer import get_tokenizer
-from .common import add_model_source, load_model_from_args, positive_int, run
+from .common import HelpFormatter, add_model_source, load_model_from_args, positive_int, run
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m minigpt.serve", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     add_model_source(p, seed=0, weights=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)

@@ -29,7 +29,7 @@ from ..tokenizer import get_tokenizer
 from ..training import LanguageModelTask, Trainer, TrainConfig
 from ..training.config import LR_SCHEDULES
 from ..training.checkpoints import claim_run_dir, recover_checkpoints
-from .common import resume_defaults, run
+from .common import HelpFormatter, resume_defaults, run
 from .finetune_args import FINETUNE_FLAGS, add_finetune_args, lora_config, prepare
 from .train_data import add_data_args, check_data_args, load_splits
 
@@ -60,7 +60,7 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
         prog="python -m minigpt.train",
         description="Train a GPT on text. The defaults reproduce the tutorial's chapter 5: GPT-2 124M "
                     "with context 256 on the-verdict for 10 epochs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     d = TrainConfig()
     p.add_argument("--config", metavar="FILE.toml", default=None,
                    help="a recipe: a TOML file setting any of these flags (by name, without --); flags given "
@@ -132,6 +132,8 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     g.add_argument("--log-interval", type=int, default=d.log_interval,
                    help="log the mean loss every N steps: the only steps where the host waits for the device")
     g.add_argument("--sample-prompt", default=d.sample_prompt, help="prompt of the sample printed each epoch")
+    g.add_argument("--sample-tokens", type=int, default=d.sample_tokens,
+                   help="tokens of each greedy sample (0: no samples, e.g. for a big model on a CPU)")
     g.add_argument("--out-dir", default=d.out_dir, help="run directory (default: runs/<data name>)")
     g.add_argument("--save-interval", type=int, default=d.save_interval,
                    help="checkpoint every N steps (always at the end and on Ctrl-C)")
@@ -155,6 +157,8 @@ def check_args(args: argparse.Namespace) -> None:
                  "max_steps", "save_interval", "stride"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.sample_tokens < 0:
+        raise ConfigError(f"--sample-tokens must not be negative, got {args.sample_tokens}")
     TrainConfig.from_flags(vars(args)).check()
     check_data_args(args)
 

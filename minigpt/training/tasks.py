@@ -70,9 +70,11 @@ class LanguageModelTask:
             self._byte_lengths = token_byte_lengths(self.tokenizer, max(self.tokenizer.n_vocab, 1 << 16))
         return self._byte_lengths
 
-    def end_of_epoch(self, model: nn.Module, device: torch.device) -> str:
+    def end_of_epoch(self, model: nn.Module, device: torch.device) -> str | None:
         """A greedy sample from the fixed prompt; an empty prompt starts from `<|endoftext|>`, as
-        Hugging Face's `generate()` without inputs does."""
+        Hugging Face's `generate()` without inputs does. None when `sample_tokens` is 0."""
+        if self.sample_tokens == 0:
+            return None
         return sample_text(model, self.tokenizer, device, self.sample_prompt or EOS_TOKEN, self.sample_tokens)
 
     def plot(self, history: dict[str, list], out_dir: Path) -> Path:
