@@ -181,10 +181,13 @@ def _read_weights_into(model: GPTModel | GPTClassifier, path: Path, meta: dict[s
     try:
         with safe_open(str(weights), "pt") as f:
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-            state = model.state_dict()  # views of the parameters: copying into them loads them
-            _expected(model, shapes, str(weights))
-            with torch.no_grad():
-                for name in shapes:
+        _expected(model, shapes, str(weights))
+        state = model.state_dict()  # views of the parameters: copying into them loads them
+        with torch.no_grad():
+            for name in shapes:
+                # The file is memory-mapped while open, and the pages read stay resident: opened
+                # per tensor, the peak is the model plus its largest tensor, not twice the model.
+                with safe_open(str(weights), "pt") as f:
                     if name in state:
                         state[name].copy_(f.get_tensor(name))
     except (SafetensorError, OSError) as e:
