@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
+from torch.distributed.tensor import DTensor
 import torch.distributed as torch_dist
 from torch import nn
 
@@ -75,6 +76,8 @@ def step_on_device(optimizer: torch.optim.Optimizer, precision: Precision, param
     non-finite, deciding on the device where it can; returns (mean loss, gradients bad) as a
     float64 tensor for `PendingSteps`."""
     norm = precision.grad_norm(params)
+    if isinstance(norm, DTensor):  # FSDP's sharded gradients: the norm is reduced over the ranks here
+        norm = norm.full_tensor()
     grads_bad = torch.zeros((), dtype=torch.float64, device=loss_sum.device) if norm is None else \
         (~torch.isfinite(norm)).to(torch.float64)
     numbers = torch.stack([loss_sum, grads_bad])
