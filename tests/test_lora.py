@@ -241,3 +241,27 @@ def test_the_jokes_recipe_runs_on_a_small_stand_in(base_dir, tmp_path, capsys):
     config = json.loads((out / "checkpoints" / "step-000002" / "config.json").read_text())
     assert config["lora"]["rank"] == 16 and config["train_args"]["template"] == "JOKE: {Joke}"
     assert config["train_args"]["chunking"] == "pack-docs" and config["train_args"]["base_dtype"] == "bfloat16"
+
+
+def test_templated_packing_keeps_every_joke_whole_and_ends_each_with_eos(tmp_path, tokenizer):
+    """The jokes recipe's data: "JOKE: " + joke + <|endoftext|>, packed into windows of at most
+    context + 1 tokens without cutting a joke in two."""
+    from minigpt import load_tokens, window_dataset
+    from minigpt.data import TokenDocuments
+
+    gen = torch.Generator().manual_seed(7)
+    words = "why did the chicken cross road to get other side a cat dog walks into bar".split()
+    jokes = [" ".join(words[j] for j in torch.randint(0, len(words), (int(n),), generator=gen))
+             for n in torch.randint(3, 15, (40,), generator=gen)]
+    path = tmp_path / "jokes.csv"
+    path.write_text("ID,Joke\n" + "".join(f'{i},"{j}"\n' for i, j in enumerate(jokes)), encoding="utf-8")
+    tokens = load_tokens(path, tokenizer, text_column="Joke", template="JOKE: {Joke}", progress=False)
+    windows = window_dataset(TokenDocuments(tokens.ids, tokens.doc_starts), context_length=40, chunking="pack-docs")
+    seen = []
+    for i in range(len(windows)):
+        x, y = windows[i]
+        tokens = [int(x[0])] + [int(t) for t in y if t != -100]  # the window's real tokens
+        text = tokenizer.decode(tokens)
+        assert text.endswith("<|endoftext|>"), text  # no joke runs on into the next window
+        seen += text.split("<|endoftext|>")[:-1]
+    assert seen == [f"JOKE: {j}" for j in jokes]
